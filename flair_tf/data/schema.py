@@ -1,0 +1,372 @@
+"""The TFRecord format of flair_tf: the one module that knows feature keys.
+
+Every example is stored as raw little-endian tensor bytes with fixed shapes
+(image codecs cannot hold 5-band uint8 or uint16 stacks), so decoding is a
+`tf.io.decode_raw` and a reshape: pure TensorFlow, usable in `tf.data.map`, in
+a `tf.function` and on a TPU host.
+
+Stored features (P = patch size, S = Sentinel crop size, T = number of dates):
+
+==========================  =======  ===========  ==================================
+key                         kind     dtype/shape  content
+==========================  =======  ===========  ==================================
+``aerial``                  bytes    u8 [P,P,4]   R, G, B, NIR
+``elevation``               bytes    u8 [P,P,1]   the 5th band of IMG_*.tif
+``label``                   bytes    u8 [P,P]     raw codes 1..19; empty if unlabelled
+``has_label``               int64    []           1 if ``label`` holds a mask
+``metadata/vector``         float    [45]         `metadata.encode_metadata` (quirk kept)
+``metadata/month``          int64    []           month of the aerial acquisition
+``metadata/date|time|camera`` bytes  []           the raw JSON strings
+``metadata/centroid``       bytes    f64 [3]      patch_centroid_x, _y, _z
+``patch_id|domain|zone``    bytes    []           "000717", "D004_2021", "Z8_NF"
+``crs_wkt``                 bytes    []           CRS of the GeoTIFF as WKT
+``transform``               bytes    f64 [6]      rasterio affine (a, b, c, d, e, f)
+``sentinel/data``           bytes    u16 [T,S,S,10]  FLAIR #2: B2..B12, channels last
+``sentinel/masks``          bytes    u8 [T,S,S,2]    FLAIR #2: snow, cloud (0..100)
+``sentinel/dates``          bytes    i32 [T]      FLAIR #2: YYYYMMDD of each product
+``sentinel/length``         int64    []           FLAIR #2: T
+==========================  =======  ===========  ==================================
+
+Bump `SCHEMA_VERSION` on any change of keys, shapes or byte layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import posixpath
+from typing import Any, Mapping
+
+import numpy as np
+import tensorflow as tf
+
+from flair_tf.data import metadata as metadata_lib
+
+SCHEMA_VERSION = 1
+TASKS = ("flair1", "flair2")
+AERIAL_BANDS = ("R", "G", "B", "NIR")
+ELEVATION_BANDS = ("E",)
+SENTINEL_BANDS = ("B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12")
+SENTINEL_MASK_BANDS = ("snow", "cloud")
+DATASET_INFO_NAME = "dataset_info.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordSpec:
+    """The fixed shapes of a set of records.
+
+    Attributes:
+      task: "flair1" or "flair2".
+      patch_size: P, the aerial patch side (512 for the released data).
+      sentinel_size: S, the Sentinel-2 crop side (FLAIR #2), None for FLAIR #1.
+    """
+
+    task: str
+    patch_size: int
+    sentinel_size: int | None = None
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}. Received: task={self.task!r}")
+        if self.patch_size <= 0:
+            raise ValueError(f"patch_size must be positive. Received: {self.patch_size}")
+        if self.task == "flair2" and not self.sentinel_size:
+            raise ValueError("flair2 records need a sentinel_size (e.g. 40). Received: None")
+        if self.task == "flair1" and self.sentinel_size is not None:
+            raise ValueError(
+                f"flair1 records have no Sentinel crop; sentinel_size must be None. "
+                f"Received: {self.sentinel_size}"
+            )
+
+    @classmethod
+    def from_info(cls, info: Mapping[str, Any]) -> "RecordSpec":
+        """Builds the spec from a parsed ``dataset_info.json``."""
+        version = info.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ValueError(
+                f"records were written with schema version {version}, this code reads "
+                f"version {SCHEMA_VERSION}; convert the data again with tools/convert_to_tfrecords.py"
+            )
+        return cls(
+            task=info["task"],
+            patch_size=int(info["patch_size"]),
+            sentinel_size=None if info.get("sentinel_size") is None else int(info["sentinel_size"]),
+        )
+
+    def features(self) -> dict[str, dict[str, Any]]:
+        """Shapes (None = variable T) and dtypes of what `decode` returns."""
+        p, s = self.patch_size, self.sentinel_size
+        out: dict[str, dict[str, Any]] = {
+            "aerial": {"shape": [p, p, 4], "dtype": "uint8"},
+            "elevation": {"shape": [p, p, 1], "dtype": "uint8"},
+            "label": {"shape": [p, p], "dtype": "uint8"},
+            "has_label": {"shape": [], "dtype": "bool"},
+            "metadata": {"shape": [metadata_lib.METADATA_SIZE], "dtype": "float32"},
+            "metadata_month": {"shape": [], "dtype": "int32"},
+            "patch_id": {"shape": [], "dtype": "string"},
+            "domain": {"shape": [], "dtype": "string"},
+            "zone": {"shape": [], "dtype": "string"},
+            "crs_wkt": {"shape": [], "dtype": "string"},
+            "transform": {"shape": [6], "dtype": "float64"},
+        }
+        if self.task == "flair2":
+            out.update(
+                {
+                    "sentinel_data": {"shape": [None, s, s, len(SENTINEL_BANDS)], "dtype": "uint16"},
+                    "sentinel_masks": {"shape": [None, s, s, 2], "dtype": "uint8"},
+                    "sentinel_dates": {"shape": [None], "dtype": "int32"},
+                    "sentinel_length": {"shape": [], "dtype": "int32"},
+                }
+            )
+        return out
+
+
+# --------------------------------------------------------------------------- encode
+#
+# Records are serialized by hand in the protobuf wire format of `tf.train.Example`
+# (features sorted by key, as protobuf's deterministic mode does): building a
+# `tf.train.Example` from Python copies every megabyte-sized feature several times,
+# which cost more than reading the GeoTIFF. `encode` parses these bytes back into a
+# `tf.train.Example`; a test checks both agree with protobuf's own serializer.
+
+_BYTES, _FLOAT, _INT = 0x0A, 0x12, 0x1A  # Feature.bytes_list / float_list / int64_list tags
+
+
+def _varint(n: int) -> bytes:
+    n &= (1 << 64) - 1  # int64 two's complement, as protobuf writes negative values
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _array(value: Any, dtype: str | np.dtype, shape: tuple, what: str, name: str) -> memoryview:
+    arr = np.asarray(value)
+    if tuple(arr.shape) != tuple(shape):
+        raise ValueError(f"{name}: {what} has shape {arr.shape}, expected {tuple(shape)}")
+    want = np.dtype(dtype)
+    if arr.dtype.kind != want.kind or arr.dtype.itemsize != want.itemsize:
+        raise ValueError(f"{name}: {what} has dtype {arr.dtype}, expected {want.name}")
+    # The explicit little-endian dtype: a no-op on x86/ARM, a byte swap on big-endian hosts.
+    arr = np.ascontiguousarray(arr.astype(want, copy=False))
+    return memoryview(arr.reshape(-1).view(np.uint8))
+
+
+def _fields(example: Mapping[str, Any]) -> dict[str, tuple[int, Any]]:
+    """Feature key -> (kind, value): bytes-like for _BYTES, float32 array for _FLOAT, int for _INT."""
+    name = f"IMG_{example.get('patch_id', '?')}"
+    aerial = np.asarray(example["aerial"])
+    if aerial.ndim != 3 or aerial.shape[0] != aerial.shape[1]:
+        raise ValueError(f"{name}: aerial has shape {aerial.shape}, expected (P, P, 4)")
+    p = aerial.shape[0]
+    elevation = np.asarray(example["elevation"])
+    if elevation.ndim == 2:
+        elevation = elevation[..., None]
+    meta = example["metadata"]
+    try:
+        vector = metadata_lib.encode_metadata(meta)
+        _, month, _ = metadata_lib.parse_date(str(meta["date"]))
+        centroid = [float(meta[k]) for k in ("patch_centroid_x", "patch_centroid_y", "patch_centroid_z")]
+    except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"{name}: bad metadata record: {e}") from e
+    label = example.get("label")
+    text = lambda v: (_BYTES, str(v).encode("utf-8"))  # noqa: E731
+    fields = {
+        "aerial": (_BYTES, _array(aerial, np.uint8, (p, p, 4), "aerial", name)),
+        "elevation": (_BYTES, _array(elevation, np.uint8, (p, p, 1), "elevation", name)),
+        "label": (_BYTES, b"" if label is None else _array(label, np.uint8, (p, p), "label", name)),
+        "has_label": (_INT, int(label is not None)),
+        "metadata/vector": (_FLOAT, vector.astype("<f4")),
+        "metadata/month": (_INT, month),
+        "metadata/date": text(meta["date"]),
+        "metadata/time": text(meta["time"]),
+        "metadata/camera": text(meta["camera"]),
+        "metadata/centroid": (_BYTES, _array(centroid, "<f8", (3,), "centroid", name)),
+        "patch_id": text(example["patch_id"]),
+        "domain": text(example["domain"]),
+        "zone": text(example["zone"]),
+        "crs_wkt": text(example.get("crs_wkt") or ""),
+        "transform": (_BYTES, _array(np.asarray(example["transform"], np.float64), "<f8", (6,), "transform", name)),
+    }
+    if "sentinel_data" in example:
+        data = np.asarray(example["sentinel_data"])
+        if data.ndim != 4 or data.shape[1] != data.shape[2]:
+            raise ValueError(f"{name}: sentinel_data has shape {data.shape}, expected (T, S, S, 10)")
+        t, s = data.shape[0], data.shape[1]
+        dates = np.asarray(example["sentinel_dates"]).astype(np.int64)
+        fields.update(
+            {
+                "sentinel/data": (_BYTES, _array(data, "<u2", (t, s, s, len(SENTINEL_BANDS)), "sentinel_data", name)),
+                "sentinel/masks": (_BYTES, _array(example["sentinel_masks"], np.uint8, (t, s, s, 2), "sentinel_masks", name)),
+                "sentinel/dates": (_BYTES, _array(dates.astype("<i4"), "<i4", (t,), "sentinel_dates", name)),
+                "sentinel/length": (_INT, t),
+            }
+        )
+    return fields
+
+
+def serialize(example: Mapping[str, Any]) -> bytes:
+    """Serializes one patch into `tf.train.Example` bytes (the record written to shards).
+
+    Deterministic: the same example always gives the same bytes (features in
+    key order, no timestamp). Args and errors as `encode`.
+    """
+    pieces: list[Any] = []
+    fields = _fields(example)
+    for key in sorted(fields):
+        kind, value = fields[key]
+        if kind == _BYTES:
+            inner = [b"\x0a", _varint(len(value)), value]  # BytesList.value
+            inner_size = 1 + len(inner[1]) + len(value)
+        elif kind == _FLOAT:
+            raw = value.tobytes()  # packed FloatList.value
+            inner = [b"\x0a", _varint(len(raw)), raw]
+            inner_size = 1 + len(inner[1]) + len(raw)
+        else:
+            raw = _varint(value)  # packed Int64List.value
+            inner = [b"\x0a", _varint(len(raw)), raw]
+            inner_size = 1 + len(inner[1]) + len(raw)
+        feature = [bytes([kind]), _varint(inner_size), *inner]
+        feature_size = 1 + len(feature[1]) + inner_size
+        k = key.encode()
+        entry = [b"\x0a", _varint(len(k)), k, b"\x12", _varint(feature_size), *feature]
+        entry_size = 1 + len(entry[1]) + len(k) + 1 + len(entry[4]) + feature_size
+        pieces += [b"\x0a", _varint(entry_size), *entry]  # Features.feature map entry
+    body = b"".join(pieces)
+    return b"\x0a" + _varint(len(body)) + body  # Example.features
+
+
+def encode(example: Mapping[str, Any]) -> tf.train.Example:
+    """Encodes one patch (numpy side) into a `tf.train.Example`.
+
+    Args:
+      example: a dict with
+        ``aerial`` uint8 [P,P,4]; ``elevation`` uint8 [P,P,1] (or [P,P]);
+        ``label`` uint8 [P,P] raw codes or None; ``metadata`` the patch's record
+        of the metadata JSON (keys of `metadata.REQUIRED_KEYS`); ``patch_id``,
+        ``domain``, ``zone``, ``crs_wkt`` str; ``transform`` 6 floats; and for
+        FLAIR #2 ``sentinel_data`` uint16 [T,S,S,10], ``sentinel_masks`` uint8
+        [T,S,S,2], ``sentinel_dates`` [T] YYYYMMDD integers.
+
+    Returns:
+      The `tf.train.Example`; `decode` gives back exactly these values. Use
+      `serialize` for the record bytes (faster, same bytes).
+
+    Raises:
+      ValueError: on a wrong shape, dtype or metadata value; the message names the patch.
+    """
+    return tf.train.Example.FromString(serialize(example))
+
+
+# --------------------------------------------------------------------------- decode
+
+
+def _parse_spec(spec: RecordSpec, with_raw_metadata: bool) -> dict[str, Any]:
+    fixed = lambda dtype, shape=(): tf.io.FixedLenFeature(shape, dtype)  # noqa: E731
+    keys = {
+        "aerial": fixed(tf.string),
+        "elevation": fixed(tf.string),
+        "label": fixed(tf.string),
+        "has_label": fixed(tf.int64),
+        "metadata/vector": fixed(tf.float32, [metadata_lib.METADATA_SIZE]),
+        "metadata/month": fixed(tf.int64),
+        "patch_id": fixed(tf.string),
+        "domain": fixed(tf.string),
+        "zone": fixed(tf.string),
+        "crs_wkt": fixed(tf.string),
+        "transform": fixed(tf.string),
+    }
+    if with_raw_metadata:
+        for k in ("metadata/date", "metadata/time", "metadata/camera", "metadata/centroid"):
+            keys[k] = fixed(tf.string)
+    if spec.task == "flair2":
+        for k in ("sentinel/data", "sentinel/masks", "sentinel/dates"):
+            keys[k] = fixed(tf.string)
+        keys["sentinel/length"] = fixed(tf.int64)
+    return keys
+
+
+def _raw(value: tf.Tensor, dtype: tf.DType, shape) -> tf.Tensor:
+    return tf.reshape(tf.io.decode_raw(value, dtype, little_endian=True), shape)
+
+
+def decode(
+    serialized: tf.Tensor, spec: RecordSpec, with_raw_metadata: bool = False
+) -> dict[str, tf.Tensor]:
+    """Decodes one serialized record (pure TF; graph- and `tf.data`-safe).
+
+    Args:
+      serialized: a scalar string tensor (one record).
+      spec: the `RecordSpec` of the records (`RecordSpec.from_info`).
+      with_raw_metadata: also return ``metadata_date``, ``metadata_time``,
+        ``metadata_camera`` (strings) and ``metadata_centroid`` (float64 [3]).
+
+    Returns:
+      ``aerial`` uint8 [P,P,4], ``elevation`` uint8 [P,P,1], ``label`` uint8
+      [P,P] (zeros when ``has_label`` is False), ``has_label`` bool,
+      ``metadata`` float32 [45], ``metadata_month`` int32, ``patch_id``,
+      ``domain``, ``zone``, ``crs_wkt`` strings, ``transform`` float64 [6]; and
+      for FLAIR #2 ``sentinel_data`` uint16 [T,S,S,10], ``sentinel_masks`` uint8
+      [T,S,S,2], ``sentinel_dates`` int32 [T] (YYYYMMDD), ``sentinel_length``
+      int32 (= T).
+    """
+    p = spec.patch_size
+    f = tf.io.parse_single_example(serialized, _parse_spec(spec, with_raw_metadata))
+    label = tf.io.decode_raw(f["label"], tf.uint8)
+    # Unlabelled records store no label bytes: pad to P*P zeros (no tf.cond needed).
+    label = tf.pad(label, [[0, p * p - tf.size(label)]])
+    out = {
+        "aerial": _raw(f["aerial"], tf.uint8, [p, p, 4]),
+        "elevation": _raw(f["elevation"], tf.uint8, [p, p, 1]),
+        "label": tf.reshape(label, [p, p]),
+        "has_label": tf.cast(f["has_label"], tf.bool),
+        "metadata": f["metadata/vector"],
+        "metadata_month": tf.cast(f["metadata/month"], tf.int32),
+        "patch_id": f["patch_id"],
+        "domain": f["domain"],
+        "zone": f["zone"],
+        "crs_wkt": f["crs_wkt"],
+        "transform": _raw(f["transform"], tf.float64, [6]),
+    }
+    if with_raw_metadata:
+        out["metadata_date"] = f["metadata/date"]
+        out["metadata_time"] = f["metadata/time"]
+        out["metadata_camera"] = f["metadata/camera"]
+        out["metadata_centroid"] = _raw(f["metadata/centroid"], tf.float64, [3])
+    if spec.task == "flair2":
+        s, t = spec.sentinel_size, tf.cast(f["sentinel/length"], tf.int32)
+        nb = len(SENTINEL_BANDS)
+        out["sentinel_data"] = tf.ensure_shape(_raw(f["sentinel/data"], tf.uint16, [t, s, s, nb]), [None, s, s, nb])
+        out["sentinel_masks"] = tf.ensure_shape(_raw(f["sentinel/masks"], tf.uint8, [t, s, s, 2]), [None, s, s, 2])
+        out["sentinel_dates"] = tf.ensure_shape(_raw(f["sentinel/dates"], tf.int32, [t]), [None])
+        out["sentinel_length"] = t
+    return out
+
+
+# --------------------------------------------------------------------------- files
+
+
+def shard_name(task: str, split: str, index: int, num_shards: int) -> str:
+    """``flair1-train.tfrecord-00003-of-00064``."""
+    return f"{task}-{split}.tfrecord-{index:05d}-of-{num_shards:05d}"
+
+
+def shard_pattern(directory: str, task: str, split: str) -> str:
+    """Glob of the finished shards of one split (matches no ``.incomplete`` file)."""
+    return posixpath.join(directory, f"{task}-{split}.tfrecord-?????-of-?????")
+
+
+def load_dataset_info(dir_or_file: str) -> dict:
+    """Reads ``dataset_info.json`` given its path or the records directory."""
+    path = dir_or_file
+    if not path.endswith(".json"):
+        path = posixpath.join(path, DATASET_INFO_NAME)
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(
+            f"{path} does not exist; convert the data first with tools/convert_to_tfrecords.py"
+        )
+    with tf.io.gfile.GFile(path, "r") as f:
+        return json.load(f)
+

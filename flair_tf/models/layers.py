@@ -1,0 +1,311 @@
+"""Small Keras layers and helpers shared by the FLAIR models.
+
+Everything here exists to reproduce a PyTorch numeric behaviour exactly in
+Keras 3 (TensorFlow backend) or to keep the functional graphs readable:
+
+* `InputNormalization`: uint8 -> float32 and ``(x - mean) / std`` (default
+  ``x / 255``), the first layer of every model.
+* `TorchResize`: ``F.interpolate`` with ``mode='bilinear', align_corners=False``
+  or ``mode='nearest'`` (floor indexing) on static sizes, via ``gather`` with
+  indices computed in float32 exactly as ATen does. TF's ``tf.image.resize``
+  nearest uses half-pixel centres and would NOT match.
+* `CenterCrop`: torchvision ``CenterCrop`` offsets (Python ``round``).
+* `ReflectPad2D`: ``padding_mode='reflect'`` of ``nn.Conv2d``.
+* `MergeTime` / `SplitTime`: fold the time axis into the batch for
+  temporally shared convolutions.
+* `PassThrough`: keeps a branch whose output the reference computes but never
+  uses (so its parameters exist, load from checkpoints and count).
+* `torch_default_initializers`: PyTorch's default Conv/Linear initialisation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import keras
+import numpy as np
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="flair_tf")
+class InputNormalization(keras.layers.Layer):
+    """Casts an image to float32 and normalises it per channel.
+
+    ``norm_mean=None`` and ``norm_std=None`` give the reference scaling
+    ``x / 255``. Otherwise ``(x - mean) / std`` with one value per channel (in
+    the units of the raw input, e.g. 0..255 for uint8 aerial bands).
+
+    The layer always computes in float32, whatever the global dtype policy, so
+    uint8 can cross the host/device boundary and be converted on device.
+
+    Args:
+      norm_mean: per-channel means, or None.
+      norm_std: per-channel standard deviations, or None.
+      **kwargs: passed to `keras.layers.Layer`.
+    """
+
+    def __init__(self, norm_mean=None, norm_std=None, **kwargs):
+        kwargs["dtype"] = "float32"
+        super().__init__(**kwargs)
+        if (norm_mean is None) != (norm_std is None):
+            raise ValueError(
+                "norm_mean and norm_std must both be given or both be None. "
+                f"Received: norm_mean={norm_mean}, norm_std={norm_std}"
+            )
+        self.norm_mean = None if norm_mean is None else [float(v) for v in norm_mean]
+        self.norm_std = None if norm_std is None else [float(v) for v in norm_std]
+        if self.norm_std is not None and any(s <= 0 for s in self.norm_std):
+            raise ValueError(f"norm_std values must be > 0. Received: norm_std={norm_std}")
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        if self.norm_mean is not None and channels is not None:
+            if len(self.norm_mean) != channels or len(self.norm_std) != channels:
+                raise ValueError(
+                    f"Input has {channels} channels but norm_mean/norm_std have "
+                    f"{len(self.norm_mean)}/{len(self.norm_std)} values; give one per "
+                    f"channel. Received: norm_mean={self.norm_mean}, norm_std={self.norm_std}"
+                )
+
+    def call(self, x):
+        x = ops.cast(x, "float32")
+        if self.norm_mean is None:
+            return x / 255.0
+        mean = ops.convert_to_tensor(np.asarray(self.norm_mean, np.float32))
+        std = ops.convert_to_tensor(np.asarray(self.norm_std, np.float32))
+        return (x - mean) / std
+
+    def compute_output_spec(self, x):
+        return keras.KerasTensor(x.shape, dtype="float32")
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(norm_mean=self.norm_mean, norm_std=self.norm_std)
+        return config
+
+
+def torch_resize_indices(in_size: int, out_size: int, mode: str):
+    """Source indices and weights of ATen's 1-D resampling.
+
+    Args:
+      in_size: input length.
+      out_size: output length.
+      mode: ``"nearest"`` (``F.interpolate`` default, floor of ``dst * in/out``)
+        or ``"bilinear"`` (``align_corners=False``).
+
+    Returns:
+      ``(i0, i1, w1)`` numpy arrays: output ``= x[i0] * (1 - w1) + x[i1] * w1``
+      (for nearest ``i1 == i0`` and ``w1 == 0``).
+    """
+    # ATen computes the scale and source coordinate in float32 for float inputs.
+    scale = np.float32(in_size) / np.float32(out_size)
+    dst = np.arange(out_size, dtype=np.float32)
+    if mode == "nearest":
+        i0 = np.minimum(np.floor(dst * scale).astype(np.int64), in_size - 1)
+        return i0, i0, np.zeros(out_size, np.float32)
+    if mode == "bilinear":
+        src = np.maximum(scale * (dst + np.float32(0.5)) - np.float32(0.5), np.float32(0))
+        i0 = np.minimum(src.astype(np.int64), in_size - 1)
+        i1 = np.minimum(i0 + 1, in_size - 1)
+        w1 = (src - i0.astype(np.float32)).astype(np.float32)
+        return i0, i1, w1
+    raise ValueError(f"mode must be 'nearest' or 'bilinear'. Received: mode={mode!r}")
+
+
+def torch_resize(x, size: Sequence[int], mode: str, in_size: Sequence[int] | None = None):
+    """Resizes axes 1 and 2 of ``x`` like ``torch.nn.functional.interpolate``.
+
+    Works on any tensor of rank >= 3 whose axes 1, 2 are (H, W) and static.
+
+    Args:
+      x: tensor (B, H, W, ...).
+      size: target (H', W').
+      mode: ``"nearest"`` or ``"bilinear"`` (align_corners=False, no antialias).
+      in_size: (H, W) if not readable from ``x.shape``.
+
+    Returns:
+      the resized tensor, same dtype.
+    """
+    in_size = tuple(in_size or x.shape[1:3])
+    for axis, (n_in, n_out) in enumerate(zip(in_size, size), start=1):
+        if n_in == n_out:
+            continue
+        i0, i1, w1 = torch_resize_indices(int(n_in), int(n_out), mode)
+        a = ops.take(x, ops.convert_to_tensor(i0, "int32"), axis=axis)
+        if mode == "nearest":
+            x = a
+            continue
+        b = ops.take(x, ops.convert_to_tensor(i1, "int32"), axis=axis)
+        shape = [1] * len(x.shape)
+        shape[axis] = n_out
+        w = ops.cast(ops.reshape(ops.convert_to_tensor(w1), shape), x.dtype)
+        x = a + (b - a) * w
+    return x
+
+
+@keras.saving.register_keras_serializable(package="flair_tf")
+class TorchResize(keras.layers.Layer):
+    """`torch_resize` as a layer: (B, H, W, C) -> (B, size[0], size[1], C).
+
+    Args:
+      size: target (height, width).
+      mode: ``"nearest"`` (PyTorch floor indexing) or ``"bilinear"``
+        (``align_corners=False``).
+    """
+
+    def __init__(self, size, mode="bilinear", **kwargs):
+        super().__init__(**kwargs)
+        self.size = tuple(int(s) for s in size)
+        self.mode = mode
+        torch_resize_indices(2, 2, mode)  # validates mode early
+
+    def call(self, x):
+        return torch_resize(x, self.size, self.mode)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], *self.size, *input_shape[3:])
+
+    def get_config(self):
+        return {**super().get_config(), "size": self.size, "mode": self.mode}
+
+
+def center_crop_offset(size: int, crop: int) -> int:
+    """torchvision ``CenterCrop`` top/left offset: ``int(round((size - crop) / 2))``."""
+    if crop > size:
+        raise ValueError(f"Cannot centre-crop {crop} pixels out of {size}. Received: size={size}")
+    return int(round((size - crop) / 2.0))
+
+
+@keras.saving.register_keras_serializable(package="flair_tf")
+class CenterCrop(keras.layers.Layer):
+    """torchvision-exact centre crop of axes 1, 2 of a (B, H, W, C) tensor."""
+
+    def __init__(self, crop, **kwargs):
+        super().__init__(**kwargs)
+        self.crop = int(crop)
+
+    def call(self, x):
+        top = center_crop_offset(x.shape[1], self.crop)
+        left = center_crop_offset(x.shape[2], self.crop)
+        return x[:, top : top + self.crop, left : left + self.crop]
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.crop, self.crop, *input_shape[3:])
+
+    def get_config(self):
+        return {**super().get_config(), "crop": self.crop}
+
+
+@keras.saving.register_keras_serializable(package="flair_tf")
+class ReflectPad2D(keras.layers.Layer):
+    """Reflect padding of H and W (PyTorch ``padding_mode='reflect'``)."""
+
+    def __init__(self, pad=1, **kwargs):
+        super().__init__(**kwargs)
+        self.pad = int(pad)
+
+    def call(self, x):
+        p = self.pad
+        return ops.pad(x, [[0, 0], [p, p], [p, p], [0, 0]], mode="reflect")
+
+    def compute_output_shape(self, s):
+        grow = lambda n: None if n is None else n + 2 * self.pad  # noqa: E731
+        return (s[0], grow(s[1]), grow(s[2]), s[3])
+
+    def get_config(self):
+        return {**super().get_config(), "pad": self.pad}
+
+
+@keras.saving.register_keras_serializable(package="flair_tf")
+class MergeTime(keras.layers.Layer):
+    """(B, T, H, W, C) -> (B*T, H, W, C)."""
+
+    def call(self, x):
+        return ops.reshape(x, (-1, *x.shape[2:]))
+
+    def compute_output_shape(self, s):
+        n = None if s[0] is None or s[1] is None else s[0] * s[1]
+        return (n, *s[2:])
+
+
+@keras.saving.register_keras_serializable(package="flair_tf")
+class SplitTime(keras.layers.Layer):
+    """``[y (B*T, ...), ref (B, T, ...)]`` -> (B, T, ...), T read from ``ref``."""
+
+    def call(self, inputs):
+        y, ref = inputs
+        shape = ops.shape(ref)
+        return ops.reshape(y, (shape[0], shape[1], *y.shape[1:]))
+
+    def compute_output_shape(self, shapes):
+        y, ref = shapes
+        return (ref[0], ref[1], *y[1:])
+
+
+@keras.saving.register_keras_serializable(package="flair_tf")
+class ZeroPaddedSteps(keras.layers.Layer):
+    """``[x (B, T, ...), pad_mask (B, T) bool]`` -> x with padded steps set to 0.
+
+    The reference (``smart_forward``) never convolves padded frames and fills
+    their output with the pad value 0.
+    """
+
+    def call(self, inputs):
+        x, pad_mask = inputs
+        keep = ops.cast(ops.logical_not(ops.cast(pad_mask, "bool")), x.dtype)
+        return x * ops.reshape(keep, (*ops.shape(keep), *([1] * (len(x.shape) - 2))))
+
+    def compute_output_shape(self, shapes):
+        return shapes[0]
+
+
+@keras.saving.register_keras_serializable(package="flair_tf")
+class PassThrough(keras.layers.Layer):
+    """Returns its first input; the others are computed but unused.
+
+    Used for parts of the reference network whose output is thrown away
+    (U-TAE ``out_conv`` and the level-0 fusion maps in U-T&T): they still own
+    parameters (counted, loaded from checkpoints) and, in training, their
+    BatchNorm statistics update exactly as in the reference. They receive no
+    gradient, as in PyTorch.
+    """
+
+    def call(self, inputs):
+        return inputs[0]
+
+    def compute_output_shape(self, shapes):
+        return shapes[0]
+
+    def compute_output_spec(self, inputs):
+        return keras.KerasTensor(inputs[0].shape, dtype=inputs[0].dtype)
+
+
+def torch_default_initializers(fan_in: int, seed=None):
+    """PyTorch's default ``nn.Linear``/``nn.Conv*d`` initialisers.
+
+    ``kaiming_uniform_(a=sqrt(5))`` = U(+-1/sqrt(fan_in)) for the weight, and the
+    same bound for the bias.
+
+    Args:
+      fan_in: input features (times kernel area for convolutions; output
+        channels times kernel area for ``ConvTranspose2d``).
+      seed: optional int seed.
+
+    Returns:
+      (kernel_initializer, bias_initializer).
+    """
+    bound = 1.0 / math.sqrt(fan_in)
+    kernel = keras.initializers.VarianceScaling(1.0 / 3.0, "fan_in", "uniform", seed=seed)
+    bias = keras.initializers.RandomUniform(-bound, bound, seed=seed)
+    return kernel, bias
+
+
+def batch_norm(name: str, axis: int = -1) -> keras.layers.BatchNormalization:
+    """BatchNorm with PyTorch defaults (eps 1e-5, momentum 0.1 == Keras 0.9)."""
+    return keras.layers.BatchNormalization(axis=axis, momentum=0.9, epsilon=1e-5, name=name)
+
+
+def group_norm(groups: int, name: str) -> keras.layers.GroupNormalization:
+    """GroupNorm with PyTorch's epsilon 1e-5 (Keras defaults to 1e-3)."""
+    return keras.layers.GroupNormalization(groups=groups, epsilon=1e-5, name=name)

@@ -1,0 +1,88 @@
+"""Joint flips / rot90 (reference albumentations Compose), stateless and graph-safe."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from flair_tf.data import augment
+
+P = 16
+
+
+def coordinate_image(size=P):
+    """uint8 [P, P, 3]: channel 0 = row, 1 = column, 2 = a band that must follow them."""
+    rows, cols = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    return np.stack([rows, cols, (rows * size + cols) % 251], axis=-1).astype(np.uint8)
+
+
+def numpy_transform(x, vflip, hflip, k, axes=(0, 1)):
+    """The reference: albumentations VerticalFlip, HorizontalFlip, then np.rot90(x, k)."""
+    if vflip:
+        x = np.flip(x, axes[0])
+    if hflip:
+        x = np.flip(x, axes[1])
+    return np.rot90(x, k, axes=axes)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
+@pytest.mark.parametrize("vflip,hflip", [(False, False), (True, False), (False, True), (True, True)])
+def test_apply_transform_matches_numpy(vflip, hflip, k):
+    x = coordinate_image()
+    t = augment.Transform(tf.constant(vflip), tf.constant(hflip), tf.constant(k))
+    np.testing.assert_array_equal(augment.apply_transform(tf.constant(x), t).numpy(),
+                                  numpy_transform(x, vflip, hflip, k))
+    series = np.stack([x, x + 1, x + 2])  # [T, S, S, C]
+    np.testing.assert_array_equal(
+        augment.apply_transform(tf.constant(series), t, spatial_axes=(1, 2)).numpy(),
+        numpy_transform(series, vflip, hflip, k, axes=(1, 2)))
+
+
+def test_label_moves_exactly_like_the_image_eager_and_in_tf_data():
+    image = coordinate_image()
+    label = (np.arange(P * P).reshape(P, P) % 19 + 1).astype(np.uint8)
+    seeds = np.stack([np.full(64, 7), np.arange(64)], axis=1).astype(np.int64)
+
+    def fn(seed):
+        img, lab = augment.augment([tf.constant(image), tf.constant(label)], seed)
+        return img, lab
+
+    graph = list(tf.data.Dataset.from_tensor_slices(seeds).map(fn).as_numpy_iterator())
+    seen = set()
+    for seed, (g_img, g_lab) in zip(seeds, graph):
+        e_img, e_lab = (t.numpy() for t in fn(tf.constant(seed)))
+        np.testing.assert_array_equal(e_img, g_img)
+        np.testing.assert_array_equal(e_lab, g_lab)
+        # Every output pixel says where it came from; the label must come from there too.
+        src_r, src_c = g_img[..., 0].astype(int), g_img[..., 1].astype(int)
+        np.testing.assert_array_equal(g_lab, label[src_r, src_c])
+        np.testing.assert_array_equal(g_img[..., 2], image[src_r, src_c, 2])
+        seen.add(g_img[..., :2].tobytes())
+    assert len(seen) == 8  # all 8 elements of the dihedral group show up in 64 draws
+
+
+def test_same_seed_same_transform():
+    a = augment.sample_transform(tf.constant([3, 11]))
+    b = augment.sample_transform(tf.constant([3, 11], tf.int32))
+    assert [x.numpy() for x in a] == [x.numpy() for x in b]
+
+
+def test_probabilities_match_the_reference():
+    n = 4000
+    seeds = tf.stack([tf.fill([n], 2022), tf.range(n)], axis=1)
+    draws = tf.data.Dataset.from_tensor_slices(seeds).map(augment.sample_transform).batch(n)
+    vflip, hflip, k = (t.numpy() for t in next(iter(draws)))
+    # binomial standard errors: 0.5 -> 0.0079, 0.125 -> 0.0052, 0.625 -> 0.0077 (n = 4000)
+    tol = 4.5
+    assert abs(vflip.mean() - 0.5) < tol * 0.0079
+    assert abs(hflip.mean() - 0.5) < tol * 0.0079
+    assert abs((k == 0).mean() - 0.625) < tol * 0.0077
+    for r in (1, 2, 3):
+        assert abs((k == r).mean() - 0.125) < tol * 0.0052
+    # independence of the two flips
+    assert abs((vflip & hflip).mean() - 0.25) < tol * 0.0069
+
+
+def test_rectangle_is_rejected():
+    t = augment.Transform(tf.constant(False), tf.constant(False), tf.constant(1))
+    with pytest.raises(ValueError, match="square"):
+        augment.apply_transform(tf.zeros([4, 6, 1]), t)

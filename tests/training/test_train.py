@@ -1,0 +1,124 @@
+"""`flair_tf.train`: flags, model_dir artefacts, and `fit` under MirroredStrategy (2 logical CPUs)."""
+
+import glob
+import json
+import os
+
+import pytest
+import tensorflow as tf
+
+from flair_tf import flags as flair_flags
+from flair_tf import train as train_lib
+
+_MIRRORED = r"""
+import json
+from flair_tf import train
+out = {}
+for name, data_dir, task, arch in RUNS:
+    r = train.train({"model_dir": ROOT + "/" + name, "data_dir": data_dir, "task": task, "arch": arch,
+                     "strategy": "mirrored", "epochs": 2, "batch_size": 4, "optimizer": "adam",
+                     "learning_rate": 1e-3, "lr_schedule": "none", "tensorboard_images": 2, "verbose": "0"})
+    out[name] = {"replicas": r["num_replicas"], "history": r["history"], "val_miou": r["val_miou"],
+                 "per_class_iou": r["val_scores"]["per_class_iou"]}
+print(json.dumps(out))
+"""
+
+
+def _tags(event_dir):
+    tags = set()
+    for path in glob.glob(os.path.join(event_dir, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            tags.update(v.tag for v in event.summary.value)
+    return tags
+
+
+@pytest.mark.slow
+def test_fit_two_epochs_mirrored_unet_and_utt(tmp_path, flair1_records, flair2_records, snippet):
+    runs = [("unet", flair1_records, "flair1", "unet"), ("utt", flair2_records, "flair2", "utt")]
+    code = _MIRRORED.replace("RUNS", repr(runs)).replace("ROOT", repr(str(tmp_path)))
+    out = snippet.json(code, logical_cpus=2, timeout=900)
+    for name, *_ in runs:
+        r, model_dir = out[name], tmp_path / name
+        assert r["replicas"] == 2
+        losses = [h["loss"] for h in r["history"]]
+        assert len(losses) == 2 and losses[1] < losses[0], (name, losses)
+        assert 0.0 <= r["val_miou"] <= 1.0 and len(r["per_class_iou"]) == 13
+        for rel in ("flags.txt", "model_config.json", "data_config.json", "train_result.json",
+                    "checkpoints/best.weights.h5", "checkpoints/last.weights.h5", "backup/state.json"):
+            assert (model_dir / rel).exists(), rel
+        train_tags, val_tags = _tags(model_dir / "logs" / "train"), _tags(model_dir / "logs" / "validation")
+        assert {"loss", "learning_rate", "examples_per_second", "iou/building"} <= train_tags
+        assert {"loss", "iou/building", "overall_accuracy", "confusion_matrix", "patches"} <= val_tags
+        assert any(t.endswith("miou") for t in val_tags)
+        if name == "utt":
+            assert {"aerial_loss", "sentinel_loss"} <= train_tags and {"aerial_loss", "sentinel_loss"} <= val_tags
+        config = json.loads((model_dir / "model_config.json").read_text())
+        assert config["arch"] == name and config["input_size"] == 64
+    assert json.loads((tmp_path / "utt" / "model_config.json").read_text())["num_dates"] == 12
+
+
+def test_flags_defaults_flagfile_and_flags_txt(tmp_path):
+    defaults = flair_flags.default_config()
+    assert defaults["learning_rate"] == 0.02 and defaults["optimizer"] == "sgd" and defaults["momentum"] == 0.0
+    assert defaults["plateau_patience"] == 10 and defaults["plateau_cooldown"] == 4
+    assert defaults["early_stopping_patience"] == 30 and defaults["seed"] == 2022
+    # A flagfile including another one; later flags win.
+    base = tmp_path / "base.flags"
+    base.write_text("--task=flair2\n--arch=utt\n--learning_rate=0.001\n--channels=R,G,B\n")
+    top = tmp_path / "top.flags"
+    top.write_text(f"--flagfile={base}\n--learning_rate=0.005\n--augment\n")
+    fv = flags_values = _parse([f"--flagfile={top}", "--model_dir=/m", "--data_dir=/d"])
+    cfg = flair_flags.config_from_flags(flags_values)
+    assert (cfg["task"], cfg["arch"], cfg["learning_rate"], cfg["augment"]) == ("flair2", "utt", 0.005, True)
+    assert cfg["channels"] == ["R", "G", "B"]
+    # flags.txt is itself a flagfile that reproduces the config.
+    path = tmp_path / "flags.txt"
+    flair_flags.write_flags_file(cfg, str(path))
+    again = flair_flags.config_from_flags(_parse([f"--flagfile={path}"]))
+    assert again == cfg
+    assert fv["learning_rate"].help  # every flag documents itself
+
+
+def test_every_flag_has_help():
+    fv = _parse([])
+    for name in flair_flags.flag_names():
+        assert len(fv[name].help) > 15, name
+
+
+def _parse(argv):
+    from absl import flags
+
+    fv = flags.FlagValues()
+    flair_flags.define_flags(fv)
+    fv(["prog", *argv])
+    return fv
+
+
+def test_config_errors_name_the_fix(tmp_path, flair1_records):
+    with pytest.raises(ValueError, match="--model_dir is required"):
+        train_lib.train({"data_dir": flair1_records})
+    with pytest.raises(ValueError, match="Unknown training option"):
+        train_lib.train({"model_dir": str(tmp_path), "data_dir": flair1_records, "lr": 0.1})
+    with pytest.raises(ValueError, match="--arch=utt needs --task=flair2"):
+        train_lib.train({"model_dir": str(tmp_path), "data_dir": flair1_records, "arch": "utt"})
+    with pytest.raises(ValueError, match="holds flair1 records but --task=flair2"):
+        train_lib.train({"model_dir": str(tmp_path), "data_dir": flair1_records, "task": "flair2", "arch": "utt"})
+    with pytest.raises(FileNotFoundError, match="No validation records match"):
+        train_lib.train({"model_dir": str(tmp_path), "data_dir": flair1_records, "val_split": "nope"})
+
+
+def test_model_and_pipeline_config_from_flags(flair1_records):
+    from flair_tf.data import schema
+
+    info = schema.load_dataset_info(flair1_records)
+    cfg = {**flair_flags.default_config(), "channels": ["R", "G", "B"], "use_metadata": True,
+           "norm_type": "custom", "norm_means": ["100", "110", "120"], "norm_stds": ["50", "51", "52"],
+           "model_overrides": '{"metadata_dropout": 0.1}'}
+    data = train_lib.pipeline_config(cfg, info)
+    assert data.channels == ("R", "G", "B") and data.use_metadata and data.seed == 2022
+    model = train_lib.model_config(cfg, info, data)
+    assert model == {"arch": "unet", "num_classes": 13, "in_channels": 3, "input_size": 64, "use_metadata": True,
+                     "norm_mean": [100.0, 110.0, 120.0], "norm_std": [50.0, 51.0, 52.0], "metadata_dropout": 0.1}
+    assert train_lib.model_io_keys(model) == (["aerial", "metadata"], ["aerial"])
+    with pytest.raises(ValueError, match="--norm_means has 2 values for 3 channels"):
+        train_lib.model_config({**cfg, "norm_means": ["1", "2"]}, info, data)

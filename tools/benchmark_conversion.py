@@ -1,0 +1,190 @@
+"""Benchmarks the TFRecord conversion; prints one JSON line.
+
+    python tools/benchmark_conversion.py --patches=32
+
+For FLAIR #1 and FLAIR #2 it writes a synthetic 512 x 512 tree of 4N train
+patches (`synthetic.make_tree`) and measures:
+
+* ``read_bound_patches_per_s``: merely reading the same files in one process
+  (rasterio ``read()`` of IMG and MSK, the memory-mapped 40 x 40 Sentinel crop
+  of data and masks), page cache warm;
+* ``patches_per_s`` at 1 and 2 workers: ``tools/convert_to_tfrecords.py`` run as
+  a subprocess on N patches (a CSV list) and on all 4N; the rate is that of the
+  4N run from the first shard's start to the last shard's end (the shards'
+  sidecars record both), so that process start-up and the TensorFlow import of
+  each worker, a fixed cost, are left out. End-to-end rates (whole command) are
+  reported too;
+* ``peak_rss_mb``: peak resident memory of the whole process tree (main process
+  plus workers, sampled every 20 ms with psutil) for N and 4N patches.
+
+Targets (2-core machine): 1 worker >= 0.7 x read bound; 2 workers >= 1.7 x 1
+worker; peak RSS for 4N within 10 % of N.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("patches", 32, "N: the small dataset has N train patches, the large one 4N.")
+flags.DEFINE_integer("patch_size", 512, "Aerial patch side.")
+flags.DEFINE_list("tasks", ["flair1", "flair2"], "Tasks to benchmark.")
+flags.DEFINE_list("workers", ["1", "2"], "Worker counts to benchmark.")
+flags.DEFINE_string("workdir", None, "Scratch folder (default: a temporary one, deleted).")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _make_tree(root: str, task: str, n: int, patch_size: int):
+    from flair_tf.data import synthetic
+
+    # 2 train-only domains x 2 zones: 4 zones of n patches (4N in all); 20..40 dates.
+    synthetic.make_tree(root, task=task, num_domains=2, num_val_domains=0, num_test_domains=0,
+                        zones_per_domain=2, patches_per_zone=n, patch_size=patch_size,
+                        num_dates=(20, 40), show_progress=False)
+
+
+def _write_csv(path: str, patches) -> None:
+    with open(path, "w") as f:
+        for p in patches:
+            f.write(f"{p.image},{p.mask}\n")
+
+
+def _read_bound(patches, centroids: dict, size: int) -> float:
+    import numpy as np
+    import rasterio
+
+    def read_all():
+        start = time.perf_counter()
+        for p in patches:
+            with rasterio.open(p.image) as src:
+                src.read()
+            with rasterio.open(p.mask) as src:
+                src.read()
+            if p.sentinel is not None:
+                r, c = centroids[p.name]
+                h = size // 2
+                data = np.load(p.sentinel.data, mmap_mode="r")
+                masks = np.load(p.sentinel.masks, mmap_mode="r")
+                np.asarray(data[:, :, r - h:r + h, c - h:c + h])
+                np.asarray(masks[:, :, r - h:r + h, c - h:c + h])
+        return time.perf_counter() - start
+
+    read_all()  # warm the page cache, as the conversions below find it
+    return len(patches) / min(read_all(), read_all())
+
+
+def _run_convert(args: list[str]) -> tuple[float, float]:
+    """Runs the CLI; returns (wall seconds, peak RSS MB of the process tree)."""
+    import psutil
+
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tools", "convert_to_tfrecords.py"), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ps = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
+            peak = max(peak, rss)
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"conversion failed: {proc.stderr.read()[-2000:]}")
+    return wall, peak / 2**20
+
+
+def _steady_rate(out_dir: str) -> tuple[int, float]:
+    """(patches, patches/s) from the shards' sidecars: first start to last finish."""
+    from flair_tf.data import writer
+
+    side = os.path.join(out_dir, writer.SIDECAR_DIR)
+    infos = [json.load(open(os.path.join(side, f))) for f in os.listdir(side)]
+    n = sum(i["num_examples"] for i in infos)
+    span = max(i["finished"] for i in infos) - min(i["started"] for i in infos)
+    return n, n / max(span, 1e-9)
+
+
+def _bench_task(task: str, work: str, n: int, patch_size: int, workers: list[int]) -> dict:
+    from flair_tf.data import layout, readers
+
+    root = os.path.join(work, f"{task}_tree")
+    t0 = time.perf_counter()
+    _make_tree(root, task, n, patch_size)
+    gen_s = time.perf_counter() - t0
+    tree = layout.discover(root, task, splits=("train",), val_domains=())
+    patches = tree.splits["train"]
+    assert len(patches) == 4 * n, len(patches)
+    # The small set: every 4th patch, so it spans the same zones (N patches).
+    small = [p for i, p in enumerate(patches) if i % 4 == 0]
+    csv_small, csv_large = os.path.join(work, f"{task}_1x.csv"), os.path.join(work, f"{task}_4x.csv")
+    _write_csv(csv_small, small)
+    _write_csv(csv_large, patches)
+    centroids = readers.read_centroids_json(tree.centroids_json) if task == "flair2" else {}
+    read_rate = _read_bound(patches, centroids, 40)
+    out: dict = {"read_bound_patches_per_s": round(read_rate, 2), "generate_s": round(gen_s, 1), "workers": {}}
+    for w in workers:
+        runs = {}
+        for label, csv, count in (("1x", csv_small, n), ("4x", csv_large, 4 * n)):
+            dst = os.path.join(work, f"{task}_out_{w}_{label}")
+            shutil.rmtree(dst, ignore_errors=True)
+            wall, rss = _run_convert([
+                f"--task={task}", f"--data_root={root}", f"--output_dir={dst}", "--splits=train",
+                f"--csv_train={csv}", f"--patch_size={patch_size}", f"--num_workers={w}",
+                "--min_shards=8", "--noprogress"])
+            done, rate = _steady_rate(dst)
+            assert done == count, (done, count)
+            runs[label] = {"patches": count, "wall_s": round(wall, 2), "patches_per_s": round(rate, 2),
+                           "peak_rss_mb": round(rss, 1)}
+            shutil.rmtree(dst, ignore_errors=True)
+        rate = runs["4x"]["patches_per_s"]
+        out["workers"][str(w)] = {
+            "patches_per_s": round(rate, 2),
+            "end_to_end_patches_per_s_4x": round(4 * n / runs["4x"]["wall_s"], 2),
+            "ratio_to_read_bound": round(rate / read_rate, 3),
+            "peak_rss_mb": {"1x": runs["1x"]["peak_rss_mb"], "4x": runs["4x"]["peak_rss_mb"]},
+            "rss_growth_4x": round(runs["4x"]["peak_rss_mb"] / runs["1x"]["peak_rss_mb"] - 1, 3),
+            "runs": runs,
+        }
+    if "1" in out["workers"] and "2" in out["workers"]:
+        out["speedup_2_workers"] = round(
+            out["workers"]["2"]["patches_per_s"] / out["workers"]["1"]["patches_per_s"], 3)
+    return out
+
+
+def main(argv):
+    del argv
+    work = FLAGS.workdir or tempfile.mkdtemp(prefix="flair_bench_conv_")
+    os.makedirs(work, exist_ok=True)
+    try:
+        result = {
+            "benchmark": "conversion",
+            "patch_size": FLAGS.patch_size,
+            "patches_1x": FLAGS.patches,
+            "patches_4x": 4 * FLAGS.patches,
+            "cpu_count": os.cpu_count(),
+            "load_avg_start": [round(x, 2) for x in os.getloadavg()],
+        }
+        for task in FLAGS.tasks:
+            result[task] = _bench_task(task, work, FLAGS.patches, FLAGS.patch_size, [int(w) for w in FLAGS.workers])
+        result["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    finally:
+        if not FLAGS.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    app.run(main)
