@@ -75,7 +75,8 @@ def export_saved_model(model, output_dir: str) -> dict:
     dtypes = {n: (model.input[n].dtype if dict_input else model.input.dtype) for n in names}
 
     def serve(*args):
-        inputs = {n: tf.cast(a, dtypes[n]) if n == "aerial" else a for n, a in zip(names, args)}
+        # Serving dtypes are the pipeline's (uint8 aerial, bool mask); the graph casts to the model's.
+        inputs = {n: tf.cast(a, dtypes[n]) for n, a in zip(names, args)}
         out = model(inputs if dict_input else inputs["aerial"], training=False)
         logits = tf.cast(model_io.aerial_logits(model, out), tf.float32)
         probs = tf.nn.softmax(logits, axis=-1)

@@ -82,6 +82,10 @@ def define_model_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     """The `build_model` config (written to `model_config.json`)."""
     d = lambda *a, **k: _define("model", fv, *a, **k)  # noqa: E731
     d(flags.DEFINE_enum, "arch", "unet", ["unet", "utt"], "Model: U-Net/ResNet34 (FLAIR #1) or U-T&T (FLAIR #2).")
+    d(flags.DEFINE_string, "encoder_weights", "",
+      "ImageNet ResNet34 weights for the U-Net encoder (.safetensors or .npz of a torchvision/timm "
+      "state dict; the 3->5 channel rule of smp is applied), as the reference's initialisation. "
+      "Empty = random initialisation. Ignored when resuming from --model_dir/backup.")
     d(flags.DEFINE_string, "model_overrides", "{}",
       'JSON object of extra builder arguments, e.g. \'{"drop_utae_modality": 0.1}\' (see flair_tf.models).')
 
@@ -123,8 +127,9 @@ def define_train_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     d(flags.DEFINE_float, "learning_rate", 0.02, "Initial learning rate.")
     d(flags.DEFINE_float, "momentum", 0.0, "SGD momentum (reference: 0).")
     d(flags.DEFINE_float, "weight_decay", 0.0, "AdamW decoupled weight decay (0 = none).")
-    d(flags.DEFINE_enum, "lr_schedule", "plateau", ["plateau", "none"],
-      "plateau: PyTorch ReduceLROnPlateau on val_loss (FLAIR #1); none: constant (FLAIR #2).")
+    d(flags.DEFINE_enum, "lr_schedule", "plateau", ["plateau", "none", "cosine"],
+      "plateau: PyTorch ReduceLROnPlateau on val_loss (FLAIR #1); none: constant (FLAIR #2); "
+      "cosine: cosine decay to 0 over --epochs (not in the references; short runs, the demo).")
     d(flags.DEFINE_float, "plateau_factor", 0.5, "ReduceLROnPlateau factor.")
     d(flags.DEFINE_integer, "plateau_patience", 10, "ReduceLROnPlateau patience (epochs).")
     d(flags.DEFINE_integer, "plateau_cooldown", 4, "ReduceLROnPlateau cooldown (epochs).")

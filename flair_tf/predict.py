@@ -23,7 +23,7 @@ import sys
 from typing import Any
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 
 def patch_predict_step(model, tta: bool = False):
@@ -152,6 +152,9 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     define_flag(f.DEFINE_string, "nodata", None,
                 "Raster mode: input nodata value (pixels where every band equals it); default: the file's own.", fv)
     define_flag(f.DEFINE_integer, "output_nodata", 255, "Raster mode, argmax output: value of nodata pixels.", fv)
+    define_flag(f.DEFINE_boolean, "preview", True,
+                "Raster mode, argmax output: also write <output>_preview.png, the class map in the FLAIR "
+                "colours, at most 1024 px a side.", fv)
 
 
 def main(argv) -> None:
@@ -174,10 +177,17 @@ def main(argv) -> None:
         batch_size=FLAGS.batch_size, output_type=FLAGS.output_type, blend=FLAGS.blend, tta=FLAGS.tta,
         nodata=float(FLAGS.nodata) if FLAGS.nodata not in (None, "") else None, output_nodata=FLAGS.output_nodata)
     summary = predict_raster(FLAGS.model_dir, FLAGS.input, FLAGS.output, cfg, FLAGS.weights)
-    logging.info("%s", summary)
-    print(f"Wrote {summary['output']} ({summary['width']}x{summary['height']} px, {cfg.output_type}, "
-          f"{summary['tiles']} tiles, {summary['seconds']:.1f} s, {summary['megapixels_per_second']:.2f} MP/s)",
-          file=sys.stdout)
+    lines = [f"Wrote {summary['output']} ({summary['width']}x{summary['height']} px, {cfg.output_type}, "
+             f"{summary['tiles']} tiles, {summary['seconds']:.1f} s, {summary['megapixels_per_second']:.2f} MP/s)"]
+    if FLAGS.preview and cfg.output_type == "argmax":
+        from flair_tf.inference import model_io, report
+
+        num_classes = int(model_io.read_configs(model_io.run_dir_of(FLAGS.model_dir, FLAGS.weights))[0]
+                          .get("num_classes", 13))
+        png = os.path.splitext(summary["output"])[0] + "_preview.png"
+        report.class_map_preview(summary["output"], png, num_classes)
+        lines.append(f"  colour preview: {png}")
+    print("\n".join(lines), file=sys.stdout)
 
 
 def run() -> None:

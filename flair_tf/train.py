@@ -2,7 +2,9 @@
 
 Order (TF Model Garden's): strategy first, then the input pipelines (one per
 replica group through `distribute_datasets_from_function`), then model,
-optimizer, losses and metrics inside ``strategy.scope()``. Everything lands in
+optimizer, losses and metrics inside ``strategy.scope()``; then one `fit` call
+per epoch, each on a pipeline seeded by (seed, epoch), so that a run resumed
+from ``backup/`` sees exactly the data of an uninterrupted run. Everything lands in
 ``--model_dir`` (local or gs://)::
 
     flags.txt            the effective flags (a flagfile: --flagfile=flags.txt reruns it)
@@ -24,6 +26,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from typing import Any, Mapping
 
 from absl import app, flags, logging
@@ -186,14 +189,19 @@ def _progress_bar(total_epochs: int):
     return EpochOfTotalProgbar()
 
 
-def _optimizer(cfg):
+def _optimizer(cfg, steps_per_epoch: int | None):
     import keras
 
+    lr = cfg["learning_rate"]
+    if cfg["lr_schedule"] == "cosine":
+        if not steps_per_epoch:
+            raise ValueError("--lr_schedule=cosine needs a known epoch length: set --steps_per_epoch.")
+        lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=cfg["epochs"] * steps_per_epoch)
     if cfg["optimizer"] == "sgd":
-        return keras.optimizers.SGD(learning_rate=cfg["learning_rate"], momentum=cfg["momentum"])
+        return keras.optimizers.SGD(learning_rate=lr, momentum=cfg["momentum"])
     if cfg["optimizer"] == "adam":
-        return keras.optimizers.Adam(learning_rate=cfg["learning_rate"])
-    return keras.optimizers.AdamW(learning_rate=cfg["learning_rate"], weight_decay=cfg["weight_decay"])
+        return keras.optimizers.Adam(learning_rate=lr)
+    return keras.optimizers.AdamW(learning_rate=lr, weight_decay=cfg["weight_decay"])
 
 
 def _jit(value: str):
@@ -315,6 +323,11 @@ def train(config: Mapping[str, Any] | None = None, strategy=None) -> dict[str, A
     with strategy.scope():
         model = build_model(dict(mconfig))
         _check_model_keys(model, input_keys, output_keys)
+        if cfg["encoder_weights"]:
+            from flair_tf.models import weights as weights_lib
+
+            loaded = weights_lib.load_encoder_file(model, cfg["encoder_weights"])
+            logging.info("Encoder initialised from %s (%d tensors)", cfg["encoder_weights"], loaded)
         losses, loss_weights = losses_lib.build_losses(
             cfg["task"], cfg["num_classes"], output_keys,
             averaging=None if cfg["loss_averaging"] == "auto" else cfg["loss_averaging"],
@@ -323,7 +336,7 @@ def train(config: Mapping[str, Any] | None = None, strategy=None) -> dict[str, A
         )
         cm_metric = metrics_lib.ConfusionMatrixMetric(cfg["num_classes"], name="miou")
         model.compile(
-            optimizer=_optimizer(cfg), loss=losses, loss_weights=loss_weights,
+            optimizer=_optimizer(cfg, steps_per_epoch), loss=losses, loss_weights=loss_weights,
             weighted_metrics={"aerial": [cm_metric]},
             steps_per_execution=steps_per_execution, jit_compile=_jit(cfg["jit_compile"]),
         )
@@ -358,11 +371,15 @@ def train(config: Mapping[str, Any] | None = None, strategy=None) -> dict[str, A
     # the compiled train/eval functions are reused across calls.
     epoch = initial_epoch
     while epoch < cfg["epochs"] and not (early is not None and early.stopped_epoch is not None):
-        model.fit(
-            train_dataset(epoch), validation_data=val_ds, epochs=epoch + 1, initial_epoch=epoch,
-            steps_per_epoch=steps_per_epoch, validation_steps=cfg["validation_steps"] or None,
-            callbacks=callbacks, verbose=verbose, shuffle=False,
-        )
+        with warnings.catch_warnings():
+            # Keras warns whenever a dataset of unknown length ends an epoch (validation, and
+            # training with several input pipelines): the expected end of a pass here.
+            warnings.filterwarnings("ignore", message="Your input ran out of data", category=UserWarning)
+            model.fit(
+                train_dataset(epoch), validation_data=val_ds, epochs=epoch + 1, initial_epoch=epoch,
+                steps_per_epoch=steps_per_epoch, validation_steps=cfg["validation_steps"] or None,
+                callbacks=callbacks, verbose=verbose, shuffle=False,
+            )
         epoch += 1
     if epoch == initial_epoch:
         logging.info("Nothing to train in %s: %s.", model_dir,

@@ -14,8 +14,13 @@ patches (`synthetic.make_tree`) and measures:
   sidecars record both), so that process start-up and the TensorFlow import of
   each worker, a fixed cost, are left out. End-to-end rates (whole command) are
   reported too;
-* ``peak_rss_mb``: peak resident memory of the whole process tree (main process
-  plus workers, sampled every 20 ms with psutil) for N and 4N patches.
+* ``cpu_ms_per_patch``: CPU time (user + system, command and workers) per
+  patch, marginal between the N and 4N runs, against the read bound's CPU time
+  per patch (``cpu_ratio_to_read_bound``): the measure that stays meaningful
+  on a machine shared with other work;
+* ``peak_rss_mb``: the sum of the per-process peak resident memory of the
+  process tree (main process plus workers, sampled every 20 ms with psutil)
+  for N and 4N patches (processes living at least 3 samples).
 
 Targets (2-core machine): 1 worker >= 0.7 x read bound; 2 workers >= 1.7 x 1
 worker; peak RSS for 4N within 10 % of N.
@@ -60,12 +65,13 @@ def _write_csv(path: str, patches) -> None:
             f.write(f"{p.image},{p.mask}\n")
 
 
-def _read_bound(patches, centroids: dict, size: int) -> float:
+def _read_bound(patches, centroids: dict, size: int) -> tuple[float, float]:
+    """(patches/s, CPU ms per patch) of merely reading the files, page cache warm."""
     import numpy as np
     import rasterio
 
     def read_all():
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for p in patches:
             with rasterio.open(p.image) as src:
                 src.read()
@@ -78,32 +84,57 @@ def _read_bound(patches, centroids: dict, size: int) -> float:
                 masks = np.load(p.sentinel.masks, mmap_mode="r")
                 np.asarray(data[:, :, r - h:r + h, c - h:c + h])
                 np.asarray(masks[:, :, r - h:r + h, c - h:c + h])
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
     read_all()  # warm the page cache, as the conversions below find it
-    return len(patches) / min(read_all(), read_all())
+    runs = [read_all(), read_all(), read_all()]
+    wall, cpu = min(r[0] for r in runs), min(r[1] for r in runs)
+    return len(patches) / wall, 1000 * cpu / len(patches)
 
 
-def _run_convert(args: list[str]) -> tuple[float, float]:
-    """Runs the CLI; returns (wall seconds, peak RSS MB of the process tree)."""
+def _run_convert(args: list[str]) -> dict:
+    """Runs the CLI; returns its wall time, CPU time and memory.
+
+    Memory: every process of the tree (main, workers) is sampled every 20 ms;
+    ``peak_rss_mb`` sums the per-process peaks (what the machine must hold),
+    ``peak_tree_rss_mb`` is the largest simultaneous total. CPU: user + system
+    time of the command and its waited-for workers (``RUSAGE_CHILDREN``).
+    """
+    import resource
+
     import psutil
 
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tools", "convert_to_tfrecords.py"), *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ps = psutil.Process(proc.pid)
-    peak = 0
+    peaks: dict[int, int] = {}
+    seen: dict[int, int] = {}
+    tree_peak = 0
     while proc.poll() is None:
         try:
-            rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
-            peak = max(peak, rss)
+            total = 0
+            for p in [ps, *ps.children(recursive=True)]:
+                rss = p.memory_info().rss
+                peaks[p.pid] = max(peaks.get(p.pid, 0), rss)
+                seen[p.pid] = seen.get(p.pid, 0) + 1
+                total += rss
+            tree_peak = max(tree_peak, total)
         except psutil.Error:
             pass
         time.sleep(0.02)
     wall = time.perf_counter() - start
+    stderr = proc.stderr.read()
     if proc.returncode != 0:
-        raise RuntimeError(f"conversion failed: {proc.stderr.read()[-2000:]}")
-    return wall, peak / 2**20
+        raise RuntimeError(f"conversion failed: {stderr[-2000:]}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    # Processes seen in fewer than 3 samples are transient forks (e.g. a library running
+    # `ldconfig`); their RSS is the parent's shared pages counted again.
+    lasting = [pid for pid, n in seen.items() if n >= 3]
+    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": sum(peaks[p] for p in lasting) / 2**20,
+            "peak_tree_rss_mb": tree_peak / 2**20, "processes": len(lasting)}
 
 
 def _steady_rate(out_dir: str) -> tuple[int, float]:
@@ -133,27 +164,34 @@ def _bench_task(task: str, work: str, n: int, patch_size: int, workers: list[int
     _write_csv(csv_small, small)
     _write_csv(csv_large, patches)
     centroids = readers.read_centroids_json(tree.centroids_json) if task == "flair2" else {}
-    read_rate = _read_bound(patches, centroids, 40)
-    out: dict = {"read_bound_patches_per_s": round(read_rate, 2), "generate_s": round(gen_s, 1), "workers": {}}
+    read_rate, read_cpu_ms = _read_bound(patches, centroids, 40)
+    out: dict = {"read_bound_patches_per_s": round(read_rate, 2), "read_bound_cpu_ms_per_patch": round(read_cpu_ms, 2),
+                 "generate_s": round(gen_s, 1), "workers": {}}
     for w in workers:
         runs = {}
         for label, csv, count in (("1x", csv_small, n), ("4x", csv_large, 4 * n)):
             dst = os.path.join(work, f"{task}_out_{w}_{label}")
             shutil.rmtree(dst, ignore_errors=True)
-            wall, rss = _run_convert([
+            r = _run_convert([
                 f"--task={task}", f"--data_root={root}", f"--output_dir={dst}", "--splits=train",
                 f"--csv_train={csv}", f"--patch_size={patch_size}", f"--num_workers={w}",
                 "--min_shards=8", "--noprogress"])
             done, rate = _steady_rate(dst)
             assert done == count, (done, count)
-            runs[label] = {"patches": count, "wall_s": round(wall, 2), "patches_per_s": round(rate, 2),
-                           "peak_rss_mb": round(rss, 1)}
+            runs[label] = {"patches": count, "wall_s": round(r["wall_s"], 2), "cpu_s": round(r["cpu_s"], 2),
+                           "patches_per_s": round(rate, 2), "peak_rss_mb": round(r["peak_rss_mb"], 1),
+                           "peak_tree_rss_mb": round(r["peak_tree_rss_mb"], 1), "processes": r["processes"]}
             shutil.rmtree(dst, ignore_errors=True)
         rate = runs["4x"]["patches_per_s"]
+        # CPU per patch, marginal between 1x and 4x: start-up (imports) cancels out. On a
+        # shared machine this is the load-independent measure of the converter's cost.
+        cpu_ms = 1000 * (runs["4x"]["cpu_s"] - runs["1x"]["cpu_s"]) / (3 * n)
         out["workers"][str(w)] = {
             "patches_per_s": round(rate, 2),
             "end_to_end_patches_per_s_4x": round(4 * n / runs["4x"]["wall_s"], 2),
             "ratio_to_read_bound": round(rate / read_rate, 3),
+            "cpu_ms_per_patch": round(cpu_ms, 2),
+            "cpu_ratio_to_read_bound": round(read_cpu_ms / cpu_ms, 3) if cpu_ms > 0 else None,
             "peak_rss_mb": {"1x": runs["1x"]["peak_rss_mb"], "4x": runs["4x"]["peak_rss_mb"]},
             "rss_growth_4x": round(runs["4x"]["peak_rss_mb"] / runs["1x"]["peak_rss_mb"] - 1, 3),
             "runs": runs,

@@ -27,6 +27,7 @@ import csv
 import dataclasses
 import io
 import os
+import posixpath
 import re
 from typing import Iterable, Sequence
 
@@ -147,6 +148,18 @@ def _join(*parts: str) -> str:
     if _remote(parts[0]):
         return "/".join(p.strip("/") if i else p.rstrip("/") for i, p in enumerate(parts))
     return os.path.join(*parts)
+
+
+def _normpath(path: str) -> str:
+    """Collapses ``..`` and ``.``; keeps the ``scheme://`` of remote paths intact."""
+    if _remote(path):
+        scheme, rest = path.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(rest)}"
+    return os.path.normpath(path)
+
+
+def _dirname(path: str) -> str:
+    return posixpath.dirname(path) if _remote(path) else os.path.dirname(path)
 
 
 def _isdir(path: str) -> bool:
@@ -339,7 +352,7 @@ def read_csv_list(csv_path: str, task: str, require_labels: bool = True,
       require_labels: raise on rows without a mask path.
       sen_folders: FLAIR #2 Sentinel folders to look the zones' super-areas up in.
     """
-    base = os.path.dirname(csv_path)
+    base = _dirname(csv_path)
     patches = []
     seen: dict[str, int] = {}
     rows = csv.reader(io.StringIO(_read_text(csv_path)))
@@ -347,7 +360,7 @@ def read_csv_list(csv_path: str, task: str, require_labels: bool = True,
         row = [c.strip() for c in row if c.strip()]
         if not row:
             continue
-        paths = [c if (os.path.isabs(c) or _remote(c)) else os.path.normpath(_join(base, c))
+        paths = [c if (os.path.isabs(c) or _remote(c)) else _normpath(_join(base, c))
                  for c in row[:2]]
         image = paths[0]
         m = _IMG_RE.match(os.path.basename(image))

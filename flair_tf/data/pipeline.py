@@ -96,6 +96,8 @@ class PipelineConfig:
       private_threadpool_size: tf.data threads; None = shared pool (TPU hosts: e.g. 48).
       keep_keys: decoded keys passed through into ``features`` (e.g. "domain",
         "zone", "crs_wkt", "transform" for writing predictions).
+      jit_compile: XLA-compile the aerial part of the parser on the host CPU
+        (same results, about half the CPU); False where XLA:CPU is unavailable.
     """
 
     task: str = "flair1"
@@ -127,6 +129,7 @@ class PipelineConfig:
     prefetch: int | None = None
     private_threadpool_size: int | None = None
     keep_keys: tuple[str, ...] = ()
+    jit_compile: bool = True
 
     def __post_init__(self):
         for name in _TUPLE_FIELDS:
@@ -248,19 +251,19 @@ def normalization_stats(config: PipelineConfig, dataset_info: Mapping[str, Any] 
     return mean, std
 
 
-def _month_terms(fix: bool) -> np.ndarray:
-    """[13, 2] (sin, cos) month terms mapped to [0, 1], row = month (row 0 unused)."""
+def _fixed_month_terms() -> np.ndarray:
+    """[13, 2] corrected (sin, cos) month terms mapped to [0, 1]; row = month (row 0 unused)."""
     rows = [(0.0, 0.0)]
     for month in range(1, 13):
-        # The same Python float arithmetic as `metadata.encode_metadata`.
-        angle = 2 * math.pi * (month - 1) / 12 if fix else 2 * math.pi * (month - 1 / 12)
+        # The same Python float arithmetic as `metadata.encode_metadata(fix_month_quirk=True)`.
+        angle = 2 * math.pi * (month - 1) / 12
         rows.append(((math.sin(angle) + 1.0) / 2.0, (math.cos(angle) + 1.0) / 2.0))
     return np.asarray(rows, np.float32)
 
 
 def fix_month_terms(vector: tf.Tensor, month: tf.Tensor) -> tf.Tensor:
     """Replaces values 39 and 40 of a metadata vector by the corrected month terms."""
-    terms = tf.gather(tf.constant(_month_terms(True)), tf.clip_by_value(month, 1, 12))
+    terms = tf.gather(tf.constant(_fixed_month_terms()), tf.clip_by_value(month, 1, 12))
     return tf.concat([vector[:MONTH_SIN_INDEX], terms, vector[MONTH_COS_INDEX + 1:]], axis=0)
 
 
@@ -315,6 +318,50 @@ def _unpack(words: tf.Tensor, channels: Sequence[int]) -> tuple[tf.Tensor, tf.Te
     return image, label
 
 
+def _bands(aerial: tf.Tensor, elevation: tf.Tensor, channels: Sequence[int]) -> tf.Tensor:
+    """The selected channels of R,G,B,NIR + E, concatenating elevation only when selected."""
+    if max(channels) < 4:
+        return select_channels(aerial, channels)
+    if list(channels) == [4]:
+        return elevation
+    return select_channels(tf.concat([aerial, elevation], axis=-1), channels)
+
+
+def make_aerial_fn(channels: Sequence[int], num_classes: int, augment: bool, jit_compile: bool):
+    """The aerial half of the parser, ``fn(aerial, elevation, codes, vflip, hflip, k)``.
+
+    Returns ``(image uint8 [P,P,C], label int32 [P,P], unaugmented label int32)``.
+    With `jit_compile` the function is XLA-compiled (one fused pass instead of a
+    dozen kernels: about 2x less CPU at 512 px); otherwise, on little-endian
+    hosts, image and label are packed into one 64-bit word per pixel before the
+    flips and rotation. The three variants give identical results (tested).
+    """
+    channels = list(channels)
+
+    def direct(aerial, elevation, codes, vflip, hflip, k):
+        label = remap_codes(codes, num_classes)
+        image = _bands(aerial, elevation, channels)
+        unaugmented = tf.cast(label, tf.int32)
+        if not augment:
+            return image, unaugmented, unaugmented
+        transform = augment_lib.Transform(vflip, hflip, k)
+        return (augment_lib.apply_transform(image, transform),
+                tf.cast(augment_lib.apply_transform(label, transform), tf.int32), unaugmented)
+
+    def packed(aerial, elevation, codes, vflip, hflip, k):
+        label = remap_codes(codes, num_classes)
+        words = augment_lib.apply_transform(_pack(aerial, elevation, label),
+                                            augment_lib.Transform(vflip, hflip, k))
+        image, augmented = _unpack(words, channels)
+        return image, augmented, tf.cast(label, tf.int32)
+
+    if jit_compile:
+        return tf.function(direct, jit_compile=True)
+    if augment and _LITTLE_ENDIAN:
+        return packed
+    return direct
+
+
 def resolve_files(file_pattern: str | Sequence[str], task: str, split: str) -> list[str]:
     """Sorted shard paths: globs, comma-separated globs, or records directories."""
     patterns = [file_pattern] if isinstance(file_pattern, str) else list(file_pattern)
@@ -362,6 +409,8 @@ class _Parser:
         self.stream_stride = stream_stride
         self.with_eval_keys = with_eval_keys
         self.channels = channel_indices(config.channels)
+        self.aerial_fn = make_aerial_fn(self.channels, config.num_classes, self.augment,
+                                        config.jit_compile)
         if spec.task == "flair2":
             if config.sentinel_size > spec.sentinel_size:
                 raise ValueError(
@@ -375,27 +424,15 @@ class _Parser:
     def __call__(self, serialized: tf.Tensor, index: tf.Tensor):
         cfg = self.config
         ex = schema.decode(serialized, self.spec)
-        # Class indices as uint8 first: 4x less to move than int32 while augmenting.
-        label = remap_codes(ex["label"], cfg.num_classes)
-        unaugmented = label
         transform = None
         if self.augment:
             seed = tf.stack([tf.cast(cfg.seed, tf.int64),
                              index * self.stream_stride + tf.cast(self.stream_id, tf.int64)])
             transform = augment_lib.sample_transform(seed)
-            if _LITTLE_ENDIAN:
-                # image and label move together, as one word per pixel
-                words = augment_lib.apply_transform(
-                    _pack(ex["aerial"], ex["elevation"], label), transform)
-                image, label = _unpack(words, self.channels)
-            else:
-                stacked = augment_lib.apply_transform(tf.concat(
-                    [ex["aerial"], ex["elevation"], label[..., None]], axis=-1), transform)
-                image = select_channels(stacked, self.channels)
-                label = tf.cast(stacked[..., -1], tf.int32)
+            draw = tuple(transform)
         else:
-            image = self._bands(ex)
-            label = tf.cast(label, tf.int32)
+            draw = (tf.constant(False), tf.constant(False), tf.constant(0))
+        image, label, unaugmented = self.aerial_fn(ex["aerial"], ex["elevation"], ex["label"], *draw)
         features = {"aerial": image}
         labels = {"aerial": label}
         if cfg.use_metadata:
@@ -407,7 +444,7 @@ class _Parser:
             features.update(self._sentinel(ex, transform))
             if transform is not None and not cfg.augment_sentinel:
                 # Reference quirk: the auxiliary loss sees the un-augmented labels.
-                labels["sentinel"] = tf.cast(unaugmented, tf.int32)
+                labels["sentinel"] = unaugmented
             else:
                 labels["sentinel"] = labels["aerial"]
         if self.with_eval_keys:
@@ -418,14 +455,6 @@ class _Parser:
                 raise ValueError(f"keep_keys: {key!r} is not a decoded key; choose from {sorted(ex)}")
             features[key] = ex[key]
         return features, labels
-
-    def _bands(self, ex) -> tf.Tensor:
-        """The selected channels, concatenating elevation only when it is selected."""
-        if max(self.channels) < 4:
-            return select_channels(ex["aerial"], self.channels)
-        if self.channels == [4]:
-            return ex["elevation"]
-        return select_channels(tf.concat([ex["aerial"], ex["elevation"]], axis=-1), self.channels)
 
     def _sentinel(self, ex, transform) -> dict[str, tf.Tensor]:
         cfg = self.config

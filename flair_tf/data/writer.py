@@ -30,12 +30,13 @@ import hashlib
 import json
 import math
 import multiprocessing
+import os
+import pickle
 import posixpath
 import queue as queue_lib
 import time
 from typing import Any, Callable, Protocol, Sequence
 
-import tensorflow as tf
 from absl import logging
 
 from flair_tf.progress import Progress
@@ -43,6 +44,15 @@ from flair_tf.progress import Progress
 SIDECAR_DIR = "_shard_info"
 INCOMPLETE_SUFFIX = ".incomplete"
 COMPRESSIONS = (None, "GZIP")
+
+
+def _tf():
+    """TensorFlow, imported on first use: a worker process sets up its parent-death
+    signal before paying for the import (seconds), so killing the parent mid-start
+    leaves no orphan."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    return tf
 
 
 class Encoder(Protocol):
@@ -138,6 +148,7 @@ def sidecar_path(shard_path: str) -> str:
 
 
 def _remove_quietly(path: str) -> None:
+    tf = _tf()
     try:
         if tf.io.gfile.exists(path):
             tf.io.gfile.remove(path)
@@ -146,6 +157,7 @@ def _remove_quietly(path: str) -> None:
 
 
 def _write_json_atomic(path: str, content: Any) -> None:
+    tf = _tf()
     tf.io.gfile.makedirs(posixpath.dirname(path))
     tmp = path + INCOMPLETE_SUFFIX
     with tf.io.gfile.GFile(tmp, "w") as f:
@@ -155,6 +167,7 @@ def _write_json_atomic(path: str, content: Any) -> None:
 
 def load_complete(task: ShardTask, allow_skipped: bool = True) -> ShardResult | None:
     """The result of a previous run if `task`'s shard is complete and valid, else None."""
+    tf = _tf()
     side = sidecar_path(task.path)
     try:
         if not (tf.io.gfile.exists(task.path) and tf.io.gfile.exists(side)):
@@ -189,6 +202,7 @@ def _write_one(
     report: Callable[[int], None],
     cancelled: Callable[[], bool],
 ) -> ShardResult:
+    tf = _tf()
     tmp = task.path + INCOMPLETE_SUFFIX
     count, skipped = 0, []
     started = time.time()
@@ -235,7 +249,7 @@ def _write_one(
 _WORKER: dict[str, Any] = {}
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent_pid: int) -> None:
     """Linux: SIGKILL this worker when the parent dies, so no orphan keeps writing."""
     try:
         import ctypes
@@ -244,11 +258,14 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
 
 
-def _init_worker(encoder_factory, progress_queue, cancel_event) -> None:
-    _die_with_parent()
-    _WORKER["encoder"] = encoder_factory()
+def _init_worker(parent_pid: int, factory_pickle: bytes, progress_queue, cancel_event) -> None:
+    _die_with_parent(parent_pid)
+    # Unpickled only now: it imports the encoder's modules (TensorFlow), which takes seconds.
+    _WORKER["encoder"] = pickle.loads(factory_pickle)()
     _WORKER["queue"] = progress_queue
     _WORKER["cancel"] = cancel_event
 
@@ -343,7 +360,7 @@ def _write_parallel(tasks, todo, encoder_factory, num_workers, compression, on_e
         max_workers=min(num_workers, len(todo)),
         mp_context=ctx,
         initializer=_init_worker,
-        initargs=(encoder_factory, progress_queue, cancel),
+        initargs=(os.getpid(), pickle.dumps(encoder_factory), progress_queue, cancel),
     ) as pool:
         futures = {pool.submit(_worker_task, tasks[i], compression, on_error): i for i in todo}
         pending = set(futures)
@@ -379,6 +396,7 @@ def remove_stale(directory: str, prefix: str, keep: Sequence[str]) -> list[str]:
     A rerun with another shard count would otherwise leave the old
     ``-of-000NN`` set beside the new one, and a glob would read both.
     """
+    tf = _tf()
     keep_names = {posixpath.basename(k) for k in keep}
     removed = []
     for d, sub in ((directory, ""), (posixpath.join(directory, SIDECAR_DIR), ".json")):

@@ -22,6 +22,7 @@ METRICS_JSON = "metrics.json"
 METRICS_MD = "metrics.md"
 CONFUSION_PNG = "confusion_matrix.png"
 CONFUSION_NPY = "confusion_matrix.npy"
+CONFUSION_TITLE = "confusion matrix: rows = truth, % of each row"
 
 _CONVENTION_TITLES = {
     "13": "13-class challenge convention (mIoU over the first 12 classes, 'other' kept in the matrix)",
@@ -194,7 +195,7 @@ def write_report(
     np.save(buf, np.asarray(confusion_matrix, dtype=np.int64))
     _write_bytes(paths["npy"], buf.getvalue())
     buf = io.BytesIO()
-    confusion_matrix_image(confusion_matrix, class_names, "confusion matrix (row-normalised, %)").save(buf, "PNG")
+    confusion_matrix_image(confusion_matrix, class_names, CONFUSION_TITLE).save(buf, "PNG")
     _write_bytes(paths["png"], buf.getvalue())
     logging.info("Wrote %s", ", ".join(paths.values()))
     return paths
@@ -221,7 +222,32 @@ def log_to_tensorboard(
                 if iou is not None and math.isfinite(iou):
                     tf.summary.scalar(f"{prefix}/iou/{name.replace(' ', '_')}", iou)
             tf.summary.text(f"{prefix}/table", markdown_table(s))
-        image = np.asarray(confusion_matrix_image(confusion_matrix, class_names))
+        image = np.asarray(confusion_matrix_image(confusion_matrix, class_names, CONFUSION_TITLE))
         tf.summary.image("confusion_matrix", image[None], max_outputs=1)
     writer.flush()
     writer.close()
+
+
+def class_map_preview(geotiff: str, png: str, num_classes: int, max_side: int = 1024, nodata: int | None = None) -> str:
+    """Writes a colour PNG of an argmax class-map GeoTIFF, decimated to at most ``max_side`` pixels a side.
+
+    The raster is read at the reduced size (nearest neighbour), so memory is
+    bounded whatever its size; nodata pixels are white.
+    """
+    import rasterio
+    from rasterio.enums import Resampling
+
+    from flair_tf import nomenclature
+
+    with rasterio.open(geotiff) as src:
+        scale = max(src.width, src.height) / max_side
+        shape = (max(1, round(src.height / max(scale, 1))), max(1, round(src.width / max(scale, 1))))
+        classes = src.read(1, out_shape=shape, resampling=Resampling.nearest)
+        nodata = src.nodata if nodata is None else nodata
+    rgb = nomenclature.colorize(np.where(classes < num_classes, classes, 0), num_classes)
+    if nodata is not None:
+        rgb[classes == nodata] = 255
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG")
+    _write_bytes(png, buf.getvalue())
+    return png

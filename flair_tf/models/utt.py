@@ -201,6 +201,8 @@ def build_utt(
     """
     if input_size % 32:
         raise ValueError(f"input_size must be a multiple of 32. Received: input_size={input_size}")
+    if not 0.0 <= drop_utae_modality <= 1.0:
+        raise ValueError(f"drop_utae_modality must be in [0, 1]. Received: drop_utae_modality={drop_utae_modality}")
     if sentinel_size < crop_size:
         raise ValueError(f"sentinel_size ({sentinel_size}) must be >= crop_size ({crop_size}).")
     inputs = {"aerial": keras.Input((input_size, input_size, in_channels), name="aerial")}

@@ -319,7 +319,7 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[
     names = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
     header, chunks, offset = {}, [], 0
     for key in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[key])
+        arr = np.asarray(tensors[key], order="C")  # ascontiguousarray would make scalars 1-D
         if arr.dtype not in names:
             raise WeightMappingError(f"Cannot write {key!r} of dtype {arr.dtype} to safetensors.")
         raw = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()

@@ -1,12 +1,13 @@
 """Tests of tree discovery: folder names, pairing by id and zone, CSV lists, split rules."""
 
+import dataclasses
 import logging
 import os
 import shutil
 
 import pytest
 
-from flair_tf.data import layout
+from flair_tf.data import layout, readers
 from flair_tf.data.readers import FlairDataError
 
 
@@ -201,3 +202,31 @@ def test_bad_arguments(flair1_tree):
         layout.discover(flair1_tree, "flair1", splits=("training",))
     assert layout.released_folder("flair2", "sen", "test") == "flair_2_sen_test"
     assert len(layout.OFFICIAL_VAL_DOMAINS) == 8
+
+
+def test_remote_tree_through_gfile(flair2_tree, tmp_path):
+    """gs:// trees are listed through tf.io.gfile; TF's in-memory ram:// file system stands in."""
+    tf = pytest.importorskip("tensorflow")
+    local = layout.discover(flair2_tree, "flair2", splits=("val",))
+    remote_root = f"ram://{tmp_path.name}"
+    paths = {path for p in local.splits["val"]
+             for path in (p.image, p.mask, *dataclasses.astuple(p.sentinel))}
+    for path in sorted(paths):  # once each: ram:// appends when a copy overwrites
+        target = remote_root + "/" + os.path.relpath(path, flair2_tree)
+        tf.io.gfile.makedirs(os.path.dirname(target))
+        tf.io.gfile.copy(path, target)
+    tree = layout.discover(remote_root, "flair2", splits=("val",))
+    assert [p.patch_id for p in tree.splits["val"]] == [p.patch_id for p in local.splits["val"]]
+    p = tree.splits["val"][0]
+    assert p.image.startswith(f"{remote_root}/flair_aerial_train/D004_2021/")
+    assert p.sentinel.data.startswith(f"{remote_root}/flair_sen_train/D004_2021/")
+    # A CSV with relative paths resolves against its remote folder, keeping the scheme.
+    with tf.io.gfile.GFile(remote_root + "/lists/val.csv", "w") as f:
+        f.write(f"../{os.path.relpath(local.splits['val'][0].image, flair2_tree)},"
+                f"../{os.path.relpath(local.splits['val'][0].mask, flair2_tree)}\n")
+    from_csv = layout.discover(remote_root, "flair2", splits=("val",),
+                               csv_lists={"val": remote_root + "/lists/val.csv"})
+    assert from_csv.splits["val"] == [p]
+    # The Sentinel arrays and products are read through gfile too (into memory).
+    series = readers.read_sentinel(p.sentinel)
+    assert series.data.shape[1] == 10 and len(series.dates) == series.data.shape[0]

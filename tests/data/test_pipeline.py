@@ -473,12 +473,17 @@ def test_pack_unpack_round_trip(channels):
     np.testing.assert_array_equal(back, codes.astype(np.int32))
 
 
-def test_generic_path_gives_the_same_batches(records, monkeypatch):
-    directory, _ = records["flair1", "train"]
-    cfg = pl.PipelineConfig(augment=True, channels=("NIR", "G", "E"), seed=5)
-    fast = batches(pl.make_dataset(directory, "train", cfg, 4), 3)
-    monkeypatch.setattr(pl, "_LITTLE_ENDIAN", False)
-    slow = batches(pl.make_dataset(directory, "train", cfg, 4), 3)
-    for (ff, fl), (sf, sl) in zip(fast, slow):
-        np.testing.assert_array_equal(ff["aerial"], sf["aerial"])
-        np.testing.assert_array_equal(fl["aerial"], sl["aerial"])
+@pytest.mark.parametrize("augment", [True, False])
+def test_xla_packed_and_generic_paths_give_the_same_batches(records, monkeypatch, augment):
+    directory, _ = records["flair2", "train"]
+    kw = dict(task="flair2", sentinel_size=S, augment=augment, channels=("NIR", "G", "E"), seed=5)
+    results = [batches(pl.make_dataset(directory, "train", pl.PipelineConfig(**kw), 4), 2)]
+    kw["jit_compile"] = False
+    results.append(batches(pl.make_dataset(directory, "train", pl.PipelineConfig(**kw), 4), 2))
+    monkeypatch.setattr(pl, "_LITTLE_ENDIAN", False)  # the big-endian fallback
+    results.append(batches(pl.make_dataset(directory, "train", pl.PipelineConfig(**kw), 4), 2))
+    for other in results[1:]:
+        for (ff, fl), (sf, sl) in zip(results[0], other):
+            for key in ("aerial", "sentinel"):
+                np.testing.assert_array_equal(ff[key], sf[key])
+                np.testing.assert_array_equal(fl[key], sl[key])

@@ -37,6 +37,10 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
     assert len(a) == 6 * 2 + 3 * 3 + 2  # IMG+MSK per patch, 3 Sentinel files per zone, 2 JSONs
     assert a == b
     assert a != c and len(c) == len(a)
+    # No timestamp in the GeoTIFFs (equal hashes above could hide one written in the same second).
+    image = next(k for k in a if k.endswith(".tif"))
+    with rasterio.open(tmp_path / "a" / image) as src:
+        assert not any("DATETIME" in tag.upper() for tag in src.tags())
 
 
 def test_refuses_to_overwrite_and_checks_arguments(tmp_path):
@@ -102,19 +106,26 @@ def test_sentinel_format_and_centroids(flair2_tree):
         assert centroids[b.name][1] - centroids[a.name][1] == pytest.approx(dx / 10, abs=1)
 
 
-def test_cloudy_dates_are_flagged_and_perturbed(flair2_tree):
-    tree = layout.discover(flair2_tree, "flair2", splits=("train",))
-    cloudy_seen = 0
-    for files in {p.sentinel for p in tree.splits["train"]}:
+def test_cloudy_and_snowy_dates_are_flagged_and_perturbed(flair2_tree):
+    tree = layout.discover(flair2_tree, "flair2")
+    cloudy_seen = snowy_seen = 0
+    for files in {p.sentinel for s in tree.splits.values() for p in s}:
         series = readers.read_sentinel(files, mmap=False)
-        cloud = series.masks[:, 1] >= 80
         clear = series.masks.max(axis=1) == 0  # neither cloud nor snow
-        blue = series.data[:, 0].astype(np.float64)  # B2
-        for t in range(series.data.shape[0]):
-            if cloud[t].mean() > 0.2 and clear[t].mean() > 0.05:
+        data = series.data.astype(np.float64)
+        for t, date in enumerate(series.dates):
+            cloud = series.masks[t, 1] >= 80
+            snow = (series.masks[t, 0] >= 80) & (series.masks[t, 1] < 20)
+            if cloud.mean() > 0.2 and clear[t].mean() > 0.05:
                 cloudy_seen += 1
-                assert blue[t][cloud[t]].mean() > 3 * blue[t][clear[t]].mean()
-    assert cloudy_seen >= 2
+                assert data[t, 0][cloud].mean() > 3 * data[t, 0][clear[t]].mean()  # bright B2
+            if snow.mean() > 0.1:
+                snowy_seen += 1
+                doy = date.timetuple().tm_yday
+                assert doy < 100 or doy > 310, date  # snow in winter only
+                green, swir = data[t, 1][snow], data[t, 8][snow]  # B3, B11
+                assert green.mean() > 4000 and (swir / green).mean() < 0.3  # snow's signature
+    assert cloudy_seen >= 2 and snowy_seen >= 1
 
 
 def test_sentinel_agrees_with_aerial_labels(flair2_tree):

@@ -262,6 +262,12 @@ def test_predict_cli_raster_mode_with_a_training_run(unet13_run, tmp_path, capsy
         data = dst.read(1)
         assert dst.crs.to_epsg() == 2154 and dst.transform == TRANSFORM
     assert data.shape == (100, 150) and data.max() < NUM_CLASSES
+    from PIL import Image
+
+    from flair_tf import nomenclature
+
+    preview = np.asarray(Image.open(tmp_path / "map_preview.png"))
+    np.testing.assert_array_equal(preview, nomenclature.colorize(data, NUM_CLASSES))
     with pytest.raises(ValueError, match="--bands selects 3"):
         predict.predict_raster(unet13_run, path, str(out), raster.RasterConfig(bands=(1, 2, 3), tile_size=64,
                                                                                margin=16))

@@ -33,8 +33,9 @@ def _tags(event_dir):
 
 
 @pytest.mark.slow
-def test_fit_two_epochs_mirrored_unet_and_utt(tmp_path, flair1_records, flair2_records, snippet):
-    runs = [("unet", flair1_records, "flair1", "unet"), ("utt", flair2_records, "flair2", "utt")]
+def test_fit_two_epochs_mirrored_utt(tmp_path, flair2_records, snippet):
+    """U-T&T; the U-Net half of this check runs in test_learning.py (same code path, longer run)."""
+    runs = [("utt", flair2_records, "flair2", "utt")]
     code = _MIRRORED.replace("RUNS", repr(runs)).replace("ROOT", repr(str(tmp_path)))
     out = snippet.json(code, logical_cpus=2, timeout=900)
     for name, *_ in runs:
@@ -122,3 +123,30 @@ def test_model_and_pipeline_config_from_flags(flair1_records):
     assert train_lib.model_io_keys(model) == (["aerial", "metadata"], ["aerial"])
     with pytest.raises(ValueError, match="--norm_means has 2 values for 3 channels"):
         train_lib.model_config({**cfg, "norm_means": ["1", "2"]}, info, data)
+
+
+def test_every_config_parses_and_states_its_target():
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+    names = sorted(f for f in os.listdir(configs) if f.endswith(".flags"))
+    assert {"flair1_unet.flags", "flair1_unet_metadata_aug.flags", "flair2_utt.flags",
+            "flair2_utt_filter_monthly_aug.flags", "demo.flags"} <= set(names)
+    cwd = os.getcwd()
+    os.chdir(os.path.dirname(configs))  # flagfiles include each other relative to the repo root
+    try:
+        for name in names:
+            cfg = flair_flags.config_from_flags(_parse([f"--flagfile=configs/{name}"]))
+            text = open(os.path.join(configs, name)).read()
+            assert "python -m flair_tf.train --flagfile=configs/" in text or name.endswith(("_x4.flags", "_8.flags")), name
+            if name.startswith("flair"):
+                assert "Command" in text and "Hardware assumed" in text and "mIoU" in text, name
+            if name.startswith(("gpu_flair", "tpu_flair")):
+                assert "Command" in text and "Target" in text, name
+            if "utt" in name:
+                assert (cfg["task"], cfg["arch"], cfg["loss_averaging"]) == ("flair2", "utt", "weights"), name
+            elif name.startswith(("flair1", "gpu_flair1", "tpu_flair1")):
+                assert (cfg["task"], cfg["optimizer"], cfg["learning_rate"]) == ("flair1", "sgd", 0.02), name
+    finally:
+        os.chdir(cwd)
+    fma = _parse(["--flagfile=configs/flair2_utt_filter_monthly_aug.flags"])
+    assert fma["filter_clouds"].value and fma["average_month"].value and fma["augment"].value
+    assert _parse(["--flagfile=configs/tpu_flair2_utt.flags"])["precision"].value == "mixed_bfloat16"

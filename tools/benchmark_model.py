@@ -1,0 +1,180 @@
+"""Benchmarks model training and inference speed on this machine; prints one JSON line.
+
+    python tools/benchmark_model.py                      # U-Net and U-T&T, all configurations
+    python tools/benchmark_model.py --models=unet --steps=3
+
+Measured (random data, after warm-up steps that include tracing/compilation):
+
+* ``train_steps_per_s``: Keras ``train_on_batch`` (SGD, cross-entropy on every
+  output) at ``--train_batch`` (2) images of ``--size`` (512) x 512 x 5;
+* ``infer_images_per_s``: ``predict_on_batch`` at ``--infer_batch`` (4) images;
+* for U-T&T the Sentinel-2 input is 12 monthly dates of 40 x 40 x 10.
+
+Our models run under every combination of oneDNN (``TF_ENABLE_ONEDNN_OPTS``
+0/1, it must be set before TensorFlow starts, hence one subprocess per
+configuration) and XLA (``jit_compile`` False/True); the best is reported
+next to each one. When torch and segmentation-models-pytorch are installed,
+``smp.Unet('resnet34')`` is timed the same way (``torch.set_num_threads
+(--torch_threads)``, NCHW and channels-last) and ``ratio_*`` = ours (best) /
+PyTorch (best). U-T&T is run with the configuration that was best for U-Net.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", ["unet", "utt"], "Models to time: unet, utt.")
+flags.DEFINE_integer("size", 512, "Aerial patch side.")
+flags.DEFINE_integer("train_batch", 2, "Training batch size.")
+flags.DEFINE_integer("infer_batch", 4, "Inference batch size.")
+flags.DEFINE_integer("steps", 5, "Timed steps per measurement.")
+flags.DEFINE_integer("warmup", 2, "Untimed steps before timing (tracing, XLA compilation).")
+flags.DEFINE_integer("torch_threads", 2, "torch.set_num_threads for the PyTorch baseline.")
+flags.DEFINE_integer("num_dates", 12, "Sentinel-2 dates for U-T&T.")
+flags.DEFINE_bool("torch", True, "Also time smp's U-Net in PyTorch when installed.")
+flags.DEFINE_string("_worker", None, "Internal: run one measurement (JSON spec) and print its JSON.")
+
+
+def _rate(fn, n, warmup):
+    for _ in range(warmup):
+        fn()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return n / (time.perf_counter() - start)
+
+
+def _keras_worker(spec):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from flair_tf.models import build_model  # noqa: PLC0415
+
+    size, arch = spec["size"], spec["arch"]
+    config = {"arch": arch, "input_size": size}
+    if arch == "utt":
+        config["num_dates"] = spec["num_dates"]
+    model = build_model(config)
+    losses = {k: keras.losses.SparseCategoricalCrossentropy(from_logits=True) for k in model.output}
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss=losses, jit_compile=spec["jit"])
+    rng = np.random.RandomState(0)
+
+    def batch(b):
+        x = {"aerial": rng.randint(0, 256, (b, size, size, 5)).astype(np.uint8)}
+        if arch == "utt":
+            t = spec["num_dates"]
+            x.update(sentinel=rng.rand(b, t, 40, 40, 10).astype(np.float32) * 3000,
+                     sentinel_dates=np.tile(np.arange(t, dtype=np.float32) * 30 - 135, (b, 1)),
+                     sentinel_pad_mask=np.zeros((b, t), bool))
+        return x
+
+    xt = batch(spec["train_batch"])
+    yt = {k: rng.randint(0, 13, (spec["train_batch"], size, size)) for k in model.output}
+    xi = batch(spec["infer_batch"])
+    train = _rate(lambda: model.train_on_batch(xt, yt), spec["steps"], spec["warmup"])
+    infer = _rate(lambda: model.predict_on_batch(xi), spec["steps"], spec["warmup"]) * spec["infer_batch"]
+    return {"train_steps_per_s": round(train, 4), "infer_images_per_s": round(infer, 4)}
+
+
+def _torch_worker(spec):
+    import torch  # noqa: PLC0415
+    import segmentation_models_pytorch as smp  # noqa: PLC0415
+
+    torch.set_num_threads(spec["torch_threads"])
+    fmt = torch.channels_last if spec["channels_last"] else torch.contiguous_format
+    model = smp.Unet("resnet34", encoder_weights=None, in_channels=5, classes=13).to(memory_format=fmt)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    size = spec["size"]
+    xt = (torch.randint(0, 256, (spec["train_batch"], 5, size, size)).float() / 255).to(memory_format=fmt)
+    yt = torch.randint(0, 13, (spec["train_batch"], size, size))
+    xi = (torch.randint(0, 256, (spec["infer_batch"], 5, size, size)).float() / 255).to(memory_format=fmt)
+
+    def train_step():
+        model.train()
+        opt.zero_grad()
+        loss_fn(model(xt), yt).backward()
+        opt.step()
+
+    def infer_step():
+        model.eval()
+        with torch.no_grad():
+            model(xi)
+
+    train = _rate(train_step, spec["steps"], spec["warmup"])
+    infer = _rate(infer_step, spec["steps"], spec["warmup"]) * spec["infer_batch"]
+    return {"train_steps_per_s": round(train, 4), "infer_images_per_s": round(infer, 4)}
+
+
+def _run_worker(spec, env_update):
+    env = dict(os.environ, **env_update)
+    cmd = [sys.executable, os.path.abspath(__file__), f"--_worker={json.dumps(spec)}"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["wall_s"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def _best(results, key):
+    ok = {name: r for name, r in results.items() if key in r}
+    return max(ok, key=lambda n: ok[n][key]) if ok else None
+
+
+def main(argv):
+    del argv
+    if FLAGS._worker:
+        spec = json.loads(FLAGS._worker)
+        result = _torch_worker(spec) if spec["framework"] == "torch" else _keras_worker(spec)
+        print(json.dumps(result))
+        return
+    common = {"size": FLAGS.size, "train_batch": FLAGS.train_batch, "infer_batch": FLAGS.infer_batch,
+              "steps": FLAGS.steps, "warmup": FLAGS.warmup, "num_dates": FLAGS.num_dates}
+    report = {"benchmark": "models", "machine": platform.processor() or platform.machine(),
+              "cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg(), **common}
+    configs = {f"onednn{o}_xla{int(j)}": ({"TF_ENABLE_ONEDNN_OPTS": str(o)}, j) for o in (0, 1) for j in (False, True)}
+    best_name = None
+    for arch in FLAGS.models:
+        results = {}
+        names = list(configs) if arch == "unet" or best_name is None else [best_name]
+        for name in names:
+            env, jit = configs[name]
+            results[name] = _run_worker({**common, "framework": "keras", "arch": arch, "jit": jit}, env)
+        best_train, best_infer = _best(results, "train_steps_per_s"), _best(results, "infer_images_per_s")
+        if arch == "unet":
+            best_name = best_train
+        report[arch] = {"configs": results, "best_train": best_train, "best_infer": best_infer}
+    if FLAGS.torch and "unet" in FLAGS.models:
+        try:
+            import segmentation_models_pytorch  # noqa: F401,PLC0415
+        except ImportError:
+            report["torch_unet"] = "not installed"
+        else:
+            torch_results = {
+                f"channels_last{int(cl)}": _run_worker(
+                    {**common, "framework": "torch", "channels_last": cl, "torch_threads": FLAGS.torch_threads}, {})
+                for cl in (False, True)
+            }
+            report["torch_unet"] = {"threads": FLAGS.torch_threads, "configs": torch_results}
+            ours = report["unet"]["configs"]
+            for key, short in (("train_steps_per_s", "train"), ("infer_images_per_s", "infer")):
+                b_ours, b_torch = _best(ours, key), _best(torch_results, key)
+                if b_ours and b_torch:
+                    report[f"ratio_{short}"] = round(ours[b_ours][key] / torch_results[b_torch][key], 3)
+    report["load_avg_end"] = os.getloadavg()
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    app.run(main)
