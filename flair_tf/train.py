@@ -457,7 +457,8 @@ def main(argv) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     result = train(flair_flags.config_from_flags(flags.FLAGS))
     if result["val_miou"] is not None:
-        print(f"Validation mIoU (official, {result['epochs_completed']} epochs): {result['val_miou']:.4f}")
+        n = result["epochs_completed"]
+        print(f"Validation mIoU (official, after {n} epoch{'s' if n != 1 else ''}): {result['val_miou']:.4f}")
     if result["best_val_loss"] is not None:
         print(f"Best val_loss {result['best_val_loss']:.4f} at epoch {result['best_epoch'] + 1}: {result['checkpoints']['best']}")
     print(f"TensorBoard: {result['tensorboard_command']}")

@@ -443,6 +443,69 @@ def make_tree(
     return summary
 
 
+def make_raster(
+    path: str,
+    width: int,
+    height: int,
+    patch_size: int = 512,
+    domain: str = "D004_2021",
+    zone: str = "Z1_UA",
+    seed: int = 0,
+    label_path: str | None = None,
+    nodata_rows: int = 0,
+) -> dict[str, Any]:
+    """Writes one large georeferenced 5-band scene, rendered like the tree's patches.
+
+    The pixel size is that of a tree of the same `patch_size` (102.4 m / patch_size),
+    so a model trained on that tree sees the same ground resolution: this is the
+    "whole ortho-image" input of `flair_tf.predict` raster mode.
+
+    Args:
+      path: output GeoTIFF (5 bands uint8, EPSG:2154, LZW, tiled).
+      width, height: raster size in pixels (any size, not a multiple of anything).
+      patch_size: the tree patch size whose ground resolution is reproduced.
+      domain, zone: names setting the radiometry and the landscape type (zone letters).
+      seed: the same seed writes the same raster.
+      label_path: if given, also write the 1-band label raster (raw codes 1..19).
+      nodata_rows: this many rows at the bottom are set to 0 on every band (a
+        nodata strip, as at the edge of a real ortho-mosaic); the label there is 0.
+
+    Returns:
+      dict with the path(s), size, pixel size and class histogram.
+    """
+    import rasterio  # pylint: disable=g-import-not-at-top
+    from rasterio.crs import CRS  # pylint: disable=g-import-not-at-top
+    from rasterio.transform import Affine  # pylint: disable=g-import-not-at-top
+
+    dom = _Domain(domain, "trainval", seed)
+    key = _crc(f"{domain}-{zone}-raster") ^ seed
+    rng = np.random.default_rng([seed, _crc(domain), _crc(zone), 7])
+    px = PATCH_METRES / patch_size
+    scene = synthetic_scene.Scene(rng, width * px, height * px, zone.split("_")[1], dom.mountain, key)
+    u = ((np.arange(width) + 0.5) * px).astype(np.float32)
+    v = ((np.arange(height) + 0.5) * px).astype(np.float32)
+    label, inst = scene.rasterize(u, v)
+    image = synthetic_scene.render_aerial(scene, label, inst, u, v, dom.gain, dom.offset, rng, key)
+    image = image.transpose(2, 0, 1).copy()
+    label = label.copy()
+    if nodata_rows:
+        image[:, height - nodata_rows:, :] = 0
+        label[height - nodata_rows:, :] = 0
+    transform = Affine(px, 0.0, dom.x0, 0.0, -px, dom.y0)
+    block = 256 if min(width, height) >= 256 else 16 * max(1, min(width, height) // 16)
+    profile = dict(driver="GTiff", width=width, height=height, count=5, dtype="uint8",
+                   crs=CRS.from_epsg(2154), transform=transform, compress="lzw", tiled=True,
+                   blockxsize=block, blockysize=block, photometric="minisblack", interleave="pixel")
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(image)
+    if label_path:
+        with rasterio.open(label_path, "w", **{**profile, "count": 1}) as dst:
+            dst.write(label[None])
+    return {"path": path, "label_path": label_path, "width": width, "height": height,
+            "pixel_size_m": px,
+            "class_pixels": {int(c): int(n) for c, n in enumerate(np.bincount(label.ravel())) if n}}
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """A few human-readable lines describing what `make_tree` wrote."""
     from flair_tf import nomenclature  # pylint: disable=g-import-not-at-top

@@ -52,7 +52,8 @@ def render_confusion_matrix(cm: np.ndarray, cell: int = 28) -> np.ndarray:
 
     Rows = truth, columns = prediction; cells are shaded white -> dark blue
     by the share of the row's pixels and print that share in per cent.
-    Row and column headers are the class indices.
+    Row and column headers are the class indices ("t\\p" in the corner: truth
+    down, prediction across).
     """
     cm = np.asarray(cm, dtype=np.float64)
     c = cm.shape[0]
@@ -61,6 +62,7 @@ def render_confusion_matrix(cm: np.ndarray, cell: int = 28) -> np.ndarray:
     size = cell * (c + 1)
     img = Image.new("RGB", (size, size), "white")
     draw = ImageDraw.Draw(img)
+    draw.text((3, 8), "t\\p", fill="grey")  # rows: truth, columns: prediction
     for i in range(c):
         draw.text((cell * (i + 1) + 4, 8), str(i), fill="black")
         draw.text((6, cell * (i + 1) + 8), str(i), fill="black")

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from flair_tf.inference import score_folders
+from eval_runs import unet13_run, unet19_run  # noqa: F401  (fixtures)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from flair_tf import evaluate, nomenclature, scoring
+from eval_runs import unet13_run, unet19_run  # noqa: F401  (fixtures)
 
 
 def _official_miou_13(cm):

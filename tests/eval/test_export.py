@@ -12,6 +12,7 @@ from absl.testing import flagsaver
 
 from flair_tf import export
 from flair_tf.inference import model_io
+from eval_runs import unet13_run  # noqa: F401  (fixtures)
 
 # Runs in a fresh interpreter where importing flair_tf is impossible.
 LOAD_SNIPPET = textwrap.dedent("""

@@ -9,6 +9,7 @@ import rasterio
 from PIL import Image
 
 from flair_tf.inference import patches
+from eval_runs import unet13_run  # noqa: F401  (fixtures)
 
 # TIFF tags: GeoTIFF ModelPixelScale, ModelTiepoint, GeoKeyDirectory, GeoDouble/AsciiParams, ModelTransformation.
 GEOTIFF_TAGS = {33550, 33922, 34735, 34736, 34737, 34264}

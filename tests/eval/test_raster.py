@@ -6,6 +6,7 @@ import rasterio
 from affine import Affine
 
 from flair_tf.inference import raster
+from eval_runs import unet13_run  # noqa: F401  (fixtures)
 
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")

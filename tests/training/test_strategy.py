@@ -4,6 +4,7 @@ import keras
 import pytest
 import tensorflow as tf
 
+from conftest import last_json, run_python  # tests/training/conftest.py
 from flair_tf.training import precision, strategy
 
 
@@ -36,23 +37,6 @@ def test_default_and_one_device_are_chief():
         assert s.num_replicas_in_sync == 1 and strategy.is_chief(s) and not strategy.is_tpu(s)
 
 
-def test_split_cpu_gives_two_replicas_and_refuses_late_split(snippet):
-    code = """
-    import json, tensorflow as tf
-    from flair_tf.training import strategy
-    s = strategy.get_strategy("mirrored")
-    try:
-        strategy.split_cpu(3)
-        late = "no error"
-    except RuntimeError as e:
-        late = str(e)
-    print(json.dumps({"replicas": s.num_replicas_in_sync, "late": late}))
-    """
-    out = snippet.json(code, logical_cpus=2)
-    assert out["replicas"] == 2
-    assert "already initialised" in out["late"] and "--num_logical_cpus" in out["late"]
-
-
 def test_precision_policy_and_validation():
     try:
         precision.set_precision("mixed_bfloat16")
@@ -74,26 +58,43 @@ def test_steps_per_execution_check():
         precision.check_steps_per_execution(0, default)
 
 
-_KERAS_BUG = r"""
-import numpy as np, tensorflow as tf, keras
-strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+_PROBE = r"""
+import json, numpy as np, tensorflow as tf, keras
+from flair_tf.training import strategy as strategy_lib
+strategy = strategy_lib.get_strategy("mirrored")
+try:
+    strategy_lib.split_cpu(3)
+    late = "no error"
+except RuntimeError as e:
+    late = str(e)
 x = np.ones((32, 4), "float32")
 with strategy.scope():
     m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
     m.compile("sgd", "mse", steps_per_execution=2)
 try:
     m.fit(tf.data.Dataset.from_tensor_slices((x, x[:, :1])).batch(8), epochs=1, verbose=0)
-    print("FIT_OK")
+    fit = "FIT_OK"
 except tf.errors.InvalidArgumentError as e:
-    print("KERAS_BUG", "placeholder" in str(e))
+    fit = "KERAS_BUG placeholder" if "placeholder" in str(e) else "OTHER " + str(e)[:300]
+print(json.dumps({"replicas": strategy.num_replicas_in_sync, "late": late, "fit": fit}))
 """
 
 
+@pytest.fixture(scope="module")
+def mirrored_probe():
+    """One subprocess with 2 logical CPUs: a mirrored strategy, a late split, a spe=2 fit."""
+    return last_json(run_python(_PROBE, logical_cpus=2))
+
+
+def test_split_cpu_gives_two_replicas_and_refuses_late_split(mirrored_probe):
+    assert mirrored_probe["replicas"] == 2
+    assert "already initialised" in mirrored_probe["late"] and "--num_logical_cpus" in mirrored_probe["late"]
+
+
 @pytest.mark.slow
-def test_keras_still_fails_steps_per_execution_under_mirrored(snippet):
+def test_keras_still_fails_steps_per_execution_under_mirrored(mirrored_probe):
     """Documents the upstream bug that `check_steps_per_execution` guards against.
 
     If this fails with FIT_OK, Keras has fixed keras-team/keras#19246: relax the check.
     """
-    out = snippet.run(_KERAS_BUG, logical_cpus=2)
-    assert "KERAS_BUG True" in out.stdout, out.stdout + out.stderr[-2000:]
+    assert mirrored_probe["fit"] == "KERAS_BUG placeholder", mirrored_probe["fit"]

@@ -1,5 +1,9 @@
 """Training-run folders (contract E) for the evaluation tests, without training.
 
+Not a conftest.py: tests/training imports its own ``conftest`` module by name,
+and a second conftest.py would shadow it. Test modules import the fixtures
+(``from eval_runs import unet13_run``); the folders are built once per session.
+
 A randomly initialised U-Net is saved exactly as ``flair_tf.train`` saves a run
 (``model_config.json``, ``data_config.json``, ``checkpoints/best.weights.h5``), so
 evaluate/predict/export are tested on the real model and file layout. The
@@ -38,11 +42,23 @@ def make_run(root: str, num_classes: int, patch_size: int = 64, seed: int = 0) -
     return root
 
 
+_RUNS: dict[int, str] = {}
+
+
+def _cached_run(tmp_path_factory, num_classes: int, seed: int) -> str:
+    # Each importing module gets its own fixture object; the folder is shared.
+    if num_classes not in _RUNS:
+        _RUNS[num_classes] = make_run(str(tmp_path_factory.mktemp(f"unet{num_classes}_run")), num_classes, seed=seed)
+    return _RUNS[num_classes]
+
+
 @pytest.fixture(scope="session")
 def unet13_run(tmp_path_factory):
-    return make_run(str(tmp_path_factory.mktemp("unet13_run")), 13)
+    """A 13-class U-Net run folder (64 px patches)."""
+    return _cached_run(tmp_path_factory, 13, seed=0)
 
 
 @pytest.fixture(scope="session")
 def unet19_run(tmp_path_factory):
-    return make_run(str(tmp_path_factory.mktemp("unet19_run")), 19, seed=1)
+    """A 19-class U-Net run folder (64 px patches)."""
+    return _cached_run(tmp_path_factory, 19, seed=1)
