@@ -52,6 +52,17 @@ def predict_patches(model_dir: str | None, data_dir: str, split: str = "test", o
                     weights: str | None = None) -> dict[str, Any]:
     """Writes one ``PRED_<id>.tif`` per record of ``split`` (library entry point of patch mode).
 
+    Args:
+      model_dir: training run folder; None to take it from ``weights``.
+      data_dir: TFRecords folder (with ``dataset_info.json``).
+      split: record split to predict.
+      output_dir: destination; default ``<model_dir>/predictions_<split>``.
+      batch_size: patches per model call.
+      georeferenced: write GeoTIFFs with each record's CRS and transform
+        instead of the (non-georeferenced) challenge format.
+      tta: average the probabilities over 4 flips (aerial-only models).
+      weights: weights file; default the run's best checkpoint.
+
     Returns:
       ``{"output_dir": ..., "num_files": n, "num_classes": k}``.
     """

@@ -84,3 +84,15 @@ def test_georeferenced_preds_carry_the_patch_crs_and_transform(flair1_tree, flai
             assert pred.transform.almost_equals(img.transform)
             assert (pred.count, pred.dtypes[0], pred.width, pred.height) == (1, "uint8", img.width, img.height)
             assert pred.compression.name.lower() == "lzw"
+
+
+def test_tta_patch_predictions(flair1_records, unet13_run, tmp_path):
+    from flair_tf import predict
+
+    plain, tta = tmp_path / "plain", tmp_path / "tta"
+    predict.predict_patches(unet13_run, flair1_records, "test", str(plain), batch_size=4)
+    predict.predict_patches(unet13_run, flair1_records, "test", str(tta), batch_size=4, tta=True)
+    assert sorted(os.listdir(plain)) == sorted(os.listdir(tta))
+    a = np.stack([np.asarray(Image.open(plain / n)) for n in sorted(os.listdir(plain))])
+    b = np.stack([np.asarray(Image.open(tta / n)) for n in sorted(os.listdir(tta))])
+    assert b.max() < 13 and 0 < (a != b).mean() < 0.9  # the flips change some pixels, not everything

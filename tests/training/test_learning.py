@@ -64,6 +64,10 @@ def test_unet_reaches_miou_06_on_synthetic_data_mirrored(tmp_path, learning_reco
     assert history[1]["loss"] < history[0]["loss"]
     assert max(mious) >= 0.6, mious
     assert out["val_scores"]["miou"] == pytest.approx(mious[-1], rel=1e-5)
+    # Every validation pixel counted once: 36 examples in batches of 8, the padding masked out.
+    n_val = info["splits"]["val"]["num_examples"]
+    assert n_val % 8 != 0
+    assert sum(map(sum, out["val_scores"]["confusion_matrix"])) == n_val * 64 * 64
     for rel in ("checkpoints/best.weights.h5", "checkpoints/last.weights.h5", "backup/state.json", "flags.txt"):
         assert os.path.exists(os.path.join(model_dir, rel)), rel
     train_tags = _tags(os.path.join(model_dir, "logs", "train"))
