@@ -12,8 +12,9 @@ Measured (random data, after warm-up steps that include tracing/compilation):
 
 Our models run under every combination of oneDNN (``TF_ENABLE_ONEDNN_OPTS``
 0/1, it must be set before TensorFlow starts, hence one subprocess per
-configuration) and XLA (``jit_compile`` False/True); the best is reported
-next to each one. When torch and segmentation-models-pytorch are installed,
+configuration) and XLA (``jit_compile`` False/True), and optionally under
+other dtype policies (``--policies=float32,mixed_bfloat16``); the best is
+reported next to each one. When torch and segmentation-models-pytorch are installed,
 ``smp.Unet('resnet34')`` is timed the same way (``torch.set_num_threads
 (--torch_threads)``, NCHW and channels-last) and ``ratio_*`` = ours (best) /
 PyTorch (best). U-T&T is run with the configuration that was best for U-Net.
@@ -39,6 +40,9 @@ flags.DEFINE_integer("steps", 5, "Timed steps per measurement.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps before timing (tracing, XLA compilation).")
 flags.DEFINE_integer("torch_threads", 2, "torch.set_num_threads for the PyTorch baseline.")
 flags.DEFINE_integer("num_dates", 12, "Sentinel-2 dates for U-T&T.")
+flags.DEFINE_list("policies", ["float32"], "Keras dtype policies to time (e.g. float32,mixed_bfloat16); the "
+                  "PyTorch ratio uses float32 only.")
+flags.DEFINE_list("configs", [], "Restrict to these oneDNN/XLA configurations (e.g. onednn1_xla0); default all.")
 flags.DEFINE_bool("torch", True, "Also time smp's U-Net in PyTorch when installed.")
 flags.DEFINE_string("_worker", None, "Internal: run one measurement (JSON spec) and print its JSON.")
 
@@ -59,6 +63,7 @@ def _keras_worker(spec):
 
     from flair_tf.models import build_model  # noqa: PLC0415
 
+    keras.mixed_precision.set_global_policy(spec.get("policy", "float32"))
     size, arch = spec["size"], spec["arch"]
     config = {"arch": arch, "input_size": size}
     if arch == "utt":
@@ -144,16 +149,22 @@ def main(argv):
     report = {"benchmark": "models", "machine": platform.processor() or platform.machine(),
               "cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg(), **common}
     configs = {f"onednn{o}_xla{int(j)}": ({"TF_ENABLE_ONEDNN_OPTS": str(o)}, j) for o in (0, 1) for j in (False, True)}
+    if FLAGS.configs:
+        configs = {k: v for k, v in configs.items() if k in FLAGS.configs}
     best_name = None
     for arch in FLAGS.models:
         results = {}
         names = list(configs) if arch == "unet" or best_name is None else [best_name]
-        for name in names:
-            env, jit = configs[name]
-            results[name] = _run_worker({**common, "framework": "keras", "arch": arch, "jit": jit}, env)
+        for policy in FLAGS.policies:
+            for name in names:
+                env, jit = configs[name]
+                key = name if policy == "float32" else f"{name}_{policy}"
+                spec = {**common, "framework": "keras", "arch": arch, "jit": jit, "policy": policy}
+                results[key] = _run_worker(spec, env)
         best_train, best_infer = _best(results, "train_steps_per_s"), _best(results, "infer_images_per_s")
         if arch == "unet":
-            best_name = best_train
+            # U-T&T runs with the configuration (float32 keys) that trained U-Net fastest.
+            best_name = _best({k: v for k, v in results.items() if k in configs}, "train_steps_per_s")
         report[arch] = {"configs": results, "best_train": best_train, "best_infer": best_infer}
     if FLAGS.torch and "unet" in FLAGS.models:
         try:
@@ -167,7 +178,7 @@ def main(argv):
                 for cl in (False, True)
             }
             report["torch_unet"] = {"threads": FLAGS.torch_threads, "configs": torch_results}
-            ours = report["unet"]["configs"]
+            ours = {k: v for k, v in report["unet"]["configs"].items() if k in configs}  # float32 only
             for key, short in (("train_steps_per_s", "train"), ("infer_images_per_s", "infer")):
                 b_ours, b_torch = _best(ours, key), _best(torch_results, key)
                 if b_ours and b_torch:

@@ -127,9 +127,10 @@ def main(argv):
     if os.path.exists(metrics_file):
         with open(metrics_file) as f:
             metrics = json.load(f)
-        miou = metrics.get("miou", metrics.get("13", {}).get("miou"))
-        if miou is not None:
-            print(f"\n  test mIoU (official 13-class convention): {miou:.4f}")
+        scores = metrics["conventions"]["13"]
+        print(f"\n  test mIoU (official 13-class convention): {scores['miou']:.4f}, "
+              f"overall accuracy {scores['overall_accuracy']:.4f} "
+              f"on {metrics['run']['num_patches']} synthetic test patches")
     print(f"\n  total {total / 60:.1f} min.  TensorBoard:  tensorboard --logdir={run_dir}/logs")
 
 

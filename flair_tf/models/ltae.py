@@ -112,7 +112,7 @@ class SequenceGroupNorm(keras.layers.Layer):
             mean = ops.mean(g, axis=(1, 3), keepdims=True)
             var = ops.mean(ops.square(g - mean), axis=(1, 3), keepdims=True)
         g = (g - mean) * ops.rsqrt(var + self.epsilon)
-        y = ops.reshape(g, ops.shape(x)) * self.gamma + self.beta
+        y = ops.reshape(g, ops.shape(x)) * ops.cast(self.gamma, "float32") + ops.cast(self.beta, "float32")
         return ops.cast(y, dtype)
 
     def compute_output_shape(self, shapes):

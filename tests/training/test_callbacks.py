@@ -107,7 +107,7 @@ def test_checkpoints_backup_and_restore(tmp_path):
     ckpt = cb.BestAndLastCheckpoint(str(tmp_path / "checkpoints"))
     plateau = cb.TorchReduceLROnPlateau(patience=0, cooldown=0, factor=0.5)
     backup = cb.BackupAndRestore(str(tmp_path / "backup"), {"checkpoint": ckpt, "plateau": plateau})
-    model.fit(ds, validation_data=ds, epochs=3, verbose=0, callbacks=[ckpt, plateau, backup])
+    model.fit(ds, validation_data=ds, epochs=3, verbose=0, shuffle=False, callbacks=[ckpt, plateau, backup])
     assert os.path.exists(ckpt.best_path) and os.path.exists(ckpt.last_path)
     state = json.load(open(tmp_path / "backup" / "state.json"))
     assert state["epoch"] == 3 and len(state["history"]) == 3
@@ -137,7 +137,7 @@ def test_interrupted_write_keeps_previous_backup(tmp_path):
     model, ds, *_ = _tiny_model_and_data()
     _compile(model, ConfusionMatrixMetric(13))
     backup = cb.BackupAndRestore(str(tmp_path))
-    model.fit(ds, epochs=1, verbose=0, callbacks=[backup])
+    model.fit(ds, epochs=1, verbose=0, shuffle=False, callbacks=[backup])
     # A kill during the next save leaves a partial weight file and a temp state file.
     (tmp_path / "epoch-0002.weights.h5").write_bytes(b"\x89HDF partial")
     (tmp_path / "state.json.tmp").write_text('{"epoch": 2, "weights": "epo')
@@ -175,7 +175,7 @@ def test_tensorboard_event_tags(tmp_path):
     metric = ConfusionMatrixMetric(13)
     _compile(model, metric)
     tb = FlairTensorBoard(str(tmp_path), metric, ({"aerial": images[:2]}, {"aerial": labels[:2]}), global_batch_size=4)
-    model.fit(ds, validation_data=ds, epochs=2, verbose=0, callbacks=[tb])
+    model.fit(ds, validation_data=ds, epochs=2, verbose=0, shuffle=False, callbacks=[tb])
     train, val = _tags(tmp_path / "train"), _tags(tmp_path / "validation")
     assert {"loss", "learning_rate", "steps_per_second", "examples_per_second", "iou/building", "overall_accuracy"} <= train
     assert any(t.endswith("miou") for t in train)

@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import REPO  # tests/training/conftest.py
+from training_helpers import REPO
 
 _RUN = r"""
 import json, time

@@ -4,7 +4,7 @@ import keras
 import pytest
 import tensorflow as tf
 
-from conftest import last_json, run_python  # tests/training/conftest.py
+from training_helpers import last_json, run_python
 from flair_tf.training import precision, strategy
 
 
