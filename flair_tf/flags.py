@@ -86,6 +86,11 @@ def define_model_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "ImageNet ResNet34 weights for the U-Net encoder (.safetensors or .npz of a torchvision/timm "
       "state dict; the 3->5 channel rule of smp is applied), as the reference's initialisation. "
       "Empty = random initialisation. Ignored when resuming from --model_dir/backup.")
+    d(flags.DEFINE_string, "init_checkpoint", "",
+      "Initialise the whole model from a file before training: a Keras .weights.h5, or a PyTorch "
+      "state dict (.safetensors, .npz, .pth/.ckpt with torch installed) such as an smp U-Net or an "
+      "IGN FLAIR #1 / #2 Lightning checkpoint (names mapped by flair_tf.models.weights; strict). "
+      "Applied after --encoder_weights. Ignored when resuming from --model_dir/backup.")
     d(flags.DEFINE_string, "model_overrides", "{}",
       'JSON object of extra builder arguments, e.g. \'{"drop_utae_modality": 0.1}\' (see flair_tf.models).')
 

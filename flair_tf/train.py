@@ -328,6 +328,11 @@ def train(config: Mapping[str, Any] | None = None, strategy=None) -> dict[str, A
 
             loaded = weights_lib.load_encoder_file(model, cfg["encoder_weights"])
             logging.info("Encoder initialised from %s (%d tensors)", cfg["encoder_weights"], loaded)
+        if cfg["init_checkpoint"]:
+            from flair_tf.models import weights as weights_lib
+
+            weights_lib.load_checkpoint(model, cfg["init_checkpoint"])
+            logging.info("Model initialised from %s", cfg["init_checkpoint"])
         losses, loss_weights = losses_lib.build_losses(
             cfg["task"], cfg["num_classes"], output_keys,
             averaging=None if cfg["loss_averaging"] == "auto" else cfg["loss_averaging"],

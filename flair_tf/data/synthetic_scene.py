@@ -32,7 +32,7 @@ _AERIAL_MEAN = np.array([
     [48, 74, 54, 148, 160],    # 6 coniferous
     [70, 112, 64, 196, 140],   # 7 deciduous
     [116, 124, 78, 170, 30],   # 8 brushwood
-    [142, 130, 104, 152, 22],  # 9 vineyard
+    [152, 114, 134, 136, 44],  # 9 vineyard (distinct at any resolution: rows alias below ~1 m)
     [98, 156, 72, 212, 4],     # 10 herbaceous vegetation
     [182, 176, 104, 180, 3],   # 11 agricultural land
     [138, 104, 80, 104, 1],    # 12 plowed land
