@@ -1,6 +1,5 @@
 """Tests of the synthetic FLAIR generator: format, determinism, realism, learnability."""
 
-import datetime
 import hashlib
 import json
 import os

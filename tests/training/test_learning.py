@@ -8,12 +8,11 @@ checkpoints and TensorBoard event files appear with the expected tags.
 If the mIoU threshold fails, fix the generator or the training, not the threshold.
 """
 
-import glob
 import json
 import os
 
 import pytest
-import tensorflow as tf
+from training_helpers import event_tags
 
 _TRAIN = r"""
 import json
@@ -42,12 +41,6 @@ def learning_records(tmp_path_factory):
     return str(root / "records")
 
 
-def _tags(event_dir):
-    tags = set()
-    for path in glob.glob(os.path.join(event_dir, "events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            tags.update(v.tag for v in event.summary.value)
-    return tags
 
 
 @pytest.mark.slow
@@ -70,7 +63,7 @@ def test_unet_reaches_miou_06_on_synthetic_data_mirrored(tmp_path, learning_reco
     assert sum(map(sum, out["val_scores"]["confusion_matrix"])) == n_val * 64 * 64
     for rel in ("checkpoints/best.weights.h5", "checkpoints/last.weights.h5", "backup/state.json", "flags.txt"):
         assert os.path.exists(os.path.join(model_dir, rel)), rel
-    train_tags = _tags(os.path.join(model_dir, "logs", "train"))
-    val_tags = _tags(os.path.join(model_dir, "logs", "validation"))
+    train_tags = event_tags(os.path.join(model_dir, "logs", "train"))
+    val_tags = event_tags(os.path.join(model_dir, "logs", "validation"))
     assert {"loss", "miou", "learning_rate", "iou/building", "examples_per_second"} <= train_tags
     assert {"loss", "miou", "iou/water", "confusion_matrix", "patches"} <= val_tags

@@ -1,11 +1,10 @@
 """`flair_tf.train`: flags, model_dir artefacts, and `fit` under MirroredStrategy (2 logical CPUs)."""
 
-import glob
 import json
 import os
 
 import pytest
-import tensorflow as tf
+from training_helpers import event_tags
 
 from flair_tf import flags as flair_flags
 from flair_tf import train as train_lib
@@ -24,12 +23,6 @@ print(json.dumps(out))
 """
 
 
-def _tags(event_dir):
-    tags = set()
-    for path in glob.glob(os.path.join(event_dir, "events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            tags.update(v.tag for v in event.summary.value)
-    return tags
 
 
 @pytest.mark.slow
@@ -47,7 +40,7 @@ def test_fit_two_epochs_mirrored_utt(tmp_path, flair2_records, snippet):
         for rel in ("flags.txt", "model_config.json", "data_config.json", "train_result.json",
                     "checkpoints/best.weights.h5", "checkpoints/last.weights.h5", "backup/state.json"):
             assert (model_dir / rel).exists(), rel
-        train_tags, val_tags = _tags(model_dir / "logs" / "train"), _tags(model_dir / "logs" / "validation")
+        train_tags, val_tags = event_tags(model_dir / "logs" / "train"), event_tags(model_dir / "logs" / "validation")
         assert {"loss", "learning_rate", "examples_per_second", "iou/building"} <= train_tags
         assert {"loss", "iou/building", "overall_accuracy", "confusion_matrix", "patches"} <= val_tags
         assert any(t.endswith("miou") for t in val_tags)

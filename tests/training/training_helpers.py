@@ -8,6 +8,7 @@ before TensorFlow initialises, which has already happened in the pytest
 process; such tests run their code in a subprocess.
 """
 
+import glob
 import json
 import os
 import subprocess
@@ -47,3 +48,14 @@ class Snippet:
     @staticmethod
     def json(code: str, logical_cpus: int = 0, timeout: float = 600, env: dict | None = None) -> dict:
         return last_json(run_python(code, logical_cpus, timeout, env))
+
+
+def event_tags(event_dir) -> set:
+    """Every summary tag written to the TensorBoard event files of `event_dir`."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    tags = set()
+    for path in glob.glob(os.path.join(event_dir, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            tags.update(v.tag for v in event.summary.value)
+    return tags
