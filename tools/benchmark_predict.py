@@ -150,6 +150,7 @@ def main(argv):
         print(json.dumps(worker()))
         return
     FLAGS.work_dir = FLAGS.work_dir or tempfile.mkdtemp(prefix="flair_tf_bench_")
+    os.makedirs(FLAGS.work_dir, exist_ok=True)
     sizes = sorted({FLAGS.size, *(int(s) for s in FLAGS.rss_sizes)})
     for s in sizes:
         path = os.path.join(FLAGS.work_dir, f"synthetic_{s}.tif")
