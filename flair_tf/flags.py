@@ -28,13 +28,21 @@ from absl import flags
 _GROUPS: dict[str, list[str]] = {}
 
 
+def define_once(kind: Callable, name: str, *args, flag_values: flags.FlagValues, **kw) -> None:
+    """``kind(name, *args, ...)`` (an absl ``DEFINE_*``) unless `flag_values` already has `name`.
+
+    The entry points share flag names (``--model_dir``, ``--batch_size``...); defining
+    each only once lets tests and tools load several of them in one process.
+    """
+    if name not in flag_values:
+        kind(name, *args, flag_values=flag_values, **kw)
+
+
 def _define(group: str, fv: flags.FlagValues, kind: Callable, name: str, *args, **kw) -> None:
     _GROUPS.setdefault(group, [])
     if name not in _GROUPS[group]:
         _GROUPS[group].append(name)
-    if name in fv:
-        return
-    kind(name, *args, flag_values=fv, **kw)
+    define_once(kind, name, *args, flag_values=fv, **kw)
 
 
 def define_data_flags(fv: flags.FlagValues = flags.FLAGS) -> None:

@@ -18,11 +18,9 @@ from typing import Any, Callable
 def define_flag(define: Callable, name: str, *args: Any) -> None:
     """``define_flag(flags.DEFINE_x, name, <DEFINE_x's other arguments>..., flag_values)``.
 
-    Defines the absl flag unless the ``FlagValues`` (last argument) already has
-    it: the entry points share flag names (``--model_dir``, ``--batch_size``...),
-    and defining each only once lets tests and tools load several of them in
-    one process.
+    `flair_tf.flags.define_once` with the ``FlagValues`` as last positional argument.
     """
+    from flair_tf.flags import define_once  # pylint: disable=g-import-not-at-top
+
     *params, fv = args
-    if name not in fv:
-        define(name, *params, flag_values=fv)
+    define_once(define, name, *params, flag_values=fv)
