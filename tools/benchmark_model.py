@@ -16,12 +16,20 @@ configuration) and XLA (``jit_compile`` False/True), and optionally under
 other dtype policies (``--policies=float32,mixed_bfloat16``); the best is
 reported next to each one. When torch and segmentation-models-pytorch are installed,
 ``smp.Unet('resnet34')`` is timed the same way (``torch.set_num_threads
-(--torch_threads)``, NCHW and channels-last) and ``ratio_*`` = ours (best) /
-PyTorch (best). U-T&T is run with the configuration that was best for U-Net.
+(--torch_threads)``, NCHW and channels-last. ``ratio_*_sequential`` = ours
+(best) / PyTorch (best) from those separate runs. Because this machine's speed
+drifts with other tenants' load, the reported ``ratio_train`` / ``ratio_infer``
+come from a head-to-head: ours (best float32 configuration) and PyTorch (best
+layout) stay loaded in two processes and are timed alternately for
+``--rounds`` rounds; the ratio is the median of the per-round ratios. With
+``--policies`` including ``mixed_bfloat16``, ``head_to_head_bfloat16`` does the
+same for our mixed_bfloat16 against ``torch.autocast('cpu', torch.bfloat16)``.
+U-T&T is run with the configuration that was best for U-Net.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -44,7 +52,9 @@ flags.DEFINE_list("policies", ["float32"], "Keras dtype policies to time (e.g. f
                   "PyTorch ratio uses float32 only.")
 flags.DEFINE_list("configs", [], "Restrict to these oneDNN/XLA configurations (e.g. onednn1_xla0); default all.")
 flags.DEFINE_bool("torch", True, "Also time smp's U-Net in PyTorch when installed.")
+flags.DEFINE_integer("rounds", 5, "Head-to-head rounds (ours, then PyTorch, alternated); 0 skips it.")
 flags.DEFINE_string("_worker", None, "Internal: run one measurement (JSON spec) and print its JSON.")
+flags.DEFINE_string("_serve", None, "Internal: persistent worker of the head-to-head (JSON spec).")
 
 
 def _rate(fn, n, warmup):
@@ -85,9 +95,7 @@ def _keras_worker(spec):
     xt = batch(spec["train_batch"])
     yt = {k: rng.randint(0, 13, (spec["train_batch"], size, size)) for k in model.output}
     xi = batch(spec["infer_batch"])
-    train = _rate(lambda: model.train_on_batch(xt, yt), spec["steps"], spec["warmup"])
-    infer = _rate(lambda: model.predict_on_batch(xi), spec["steps"], spec["warmup"]) * spec["infer_batch"]
-    return {"train_steps_per_s": round(train, 4), "infer_images_per_s": round(infer, 4)}
+    return (lambda: model.train_on_batch(xt, yt)), (lambda: model.predict_on_batch(xi))
 
 
 def _torch_worker(spec):
@@ -95,6 +103,7 @@ def _torch_worker(spec):
     import segmentation_models_pytorch as smp  # noqa: PLC0415
 
     torch.set_num_threads(spec["torch_threads"])
+    torch.manual_seed(0)
     fmt = torch.channels_last if spec["channels_last"] else torch.contiguous_format
     model = smp.Unet("resnet34", encoder_weights=None, in_channels=5, classes=13).to(memory_format=fmt)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -104,20 +113,89 @@ def _torch_worker(spec):
     yt = torch.randint(0, 13, (spec["train_batch"], size, size))
     xi = (torch.randint(0, 256, (spec["infer_batch"], 5, size, size)).float() / 255).to(memory_format=fmt)
 
+    # bfloat16 autocast: PyTorch's counterpart of Keras's mixed_bfloat16 policy.
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if spec.get("bf16") else contextlib.nullcontext
+
     def train_step():
         model.train()
         opt.zero_grad()
-        loss_fn(model(xt), yt).backward()
+        with autocast():
+            logits = model(xt)
+        loss_fn(logits.float(), yt).backward()
         opt.step()
 
     def infer_step():
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             model(xi)
 
+    return train_step, infer_step
+
+
+def _measure(spec):
+    """One-shot worker: warm-up, then the timed rates."""
+    train_step, infer_step = (_torch_worker if spec["framework"] == "torch" else _keras_worker)(spec)
     train = _rate(train_step, spec["steps"], spec["warmup"])
     infer = _rate(infer_step, spec["steps"], spec["warmup"]) * spec["infer_batch"]
     return {"train_steps_per_s": round(train, 4), "infer_images_per_s": round(infer, 4)}
+
+
+def _serve(spec):
+    """Persistent worker for the head-to-head: warm up, then time on request.
+
+    Reads ``train`` / ``infer`` lines on stdin and answers each with one JSON
+    rate on stdout, so that the parent can alternate two frameworks round by
+    round and compare measurements taken seconds apart.
+    """
+    steps = {}
+    steps["train"], steps["infer"] = (_torch_worker if spec["framework"] == "torch" else _keras_worker)(spec)
+    for fn in steps.values():
+        for _ in range(spec["warmup"]):
+            fn()
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        what = line.strip()
+        if what not in steps:
+            break
+        rate = _rate(steps[what], spec["steps"], 0) * (spec["infer_batch"] if what == "infer" else 1)
+        print(json.dumps({what: round(rate, 4)}), flush=True)
+
+
+def _head_to_head(ours_spec, ours_env, torch_spec, rounds):
+    """Alternates ours and PyTorch, ``rounds`` times, train then inference.
+
+    Both models stay loaded in two idle processes; each round times ours then
+    PyTorch back to back, so a change in the machine's load hits both. The
+    ratio is the median of the per-round ratios.
+    """
+    procs = {}
+    for name, spec, env in (("ours", ours_spec, ours_env), ("torch", torch_spec, {})):
+        cmd = [sys.executable, os.path.abspath(__file__), f"--_serve={json.dumps(spec)}"]
+        procs[name] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                       stderr=subprocess.DEVNULL, env=dict(os.environ, **env))
+    try:
+        for name, proc in procs.items():
+            line = proc.stdout.readline()
+            if not line:
+                return {"error": f"{name} worker exited before warming up (exit {proc.wait()})"}
+        out = {"rounds": rounds}
+        for what, key in (("train", "train_steps_per_s"), ("infer", "infer_images_per_s")):
+            rates = {"ours": [], "torch": []}
+            for _ in range(rounds):
+                for name, proc in procs.items():
+                    proc.stdin.write(what + "\n")
+                    proc.stdin.flush()
+                    rates[name].append(json.loads(proc.stdout.readline())[what])
+            ratios = sorted(o / t for o, t in zip(rates["ours"], rates["torch"]))
+            out[key] = rates
+            out[f"ratio_{what}"] = round(ratios[len(ratios) // 2] if rounds % 2 else
+                                         (ratios[rounds // 2 - 1] + ratios[rounds // 2]) / 2, 3)
+        return out
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.stdin.close()
+                proc.wait()
 
 
 def _run_worker(spec, env_update):
@@ -140,9 +218,10 @@ def _best(results, key):
 def main(argv):
     del argv
     if FLAGS._worker:
-        spec = json.loads(FLAGS._worker)
-        result = _torch_worker(spec) if spec["framework"] == "torch" else _keras_worker(spec)
-        print(json.dumps(result))
+        print(json.dumps(_measure(json.loads(FLAGS._worker))))
+        return
+    if FLAGS._serve:
+        _serve(json.loads(FLAGS._serve))
         return
     common = {"size": FLAGS.size, "train_batch": FLAGS.train_batch, "infer_batch": FLAGS.infer_batch,
               "steps": FLAGS.steps, "warmup": FLAGS.warmup, "num_dates": FLAGS.num_dates}
@@ -182,7 +261,26 @@ def main(argv):
             for key, short in (("train_steps_per_s", "train"), ("infer_images_per_s", "infer")):
                 b_ours, b_torch = _best(ours, key), _best(torch_results, key)
                 if b_ours and b_torch:
-                    report[f"ratio_{short}"] = round(ours[b_ours][key] / torch_results[b_torch][key], 3)
+                    report[f"ratio_{short}_sequential"] = round(ours[b_ours][key] / torch_results[b_torch][key], 3)
+            b_ours, b_torch = _best(ours, "train_steps_per_s"), _best(torch_results, "train_steps_per_s")
+            if FLAGS.rounds and b_ours and b_torch:
+                env, jit = configs[b_ours]
+                h2h = _head_to_head(
+                    {**common, "framework": "keras", "arch": "unet", "jit": jit, "policy": "float32"}, env,
+                    {**common, "framework": "torch", "channels_last": b_torch == "channels_last1",
+                     "torch_threads": FLAGS.torch_threads}, FLAGS.rounds)
+                report["head_to_head"] = {"ours": b_ours, "torch": b_torch, **h2h}
+                for short in ("train", "infer"):
+                    if f"ratio_{short}" in h2h:
+                        report[f"ratio_{short}"] = h2h[f"ratio_{short}"]
+                if "mixed_bfloat16" in FLAGS.policies:
+                    # Same precision on both sides: Keras mixed_bfloat16 vs torch.autocast(bfloat16).
+                    h2h = _head_to_head(
+                        {**common, "framework": "keras", "arch": "unet", "jit": jit, "policy": "mixed_bfloat16"},
+                        env, {**common, "framework": "torch", "channels_last": b_torch == "channels_last1",
+                              "torch_threads": FLAGS.torch_threads, "bf16": True}, FLAGS.rounds)
+                    report["head_to_head_bfloat16"] = {"ours": f"{b_ours}_mixed_bfloat16",
+                                                       "torch": f"{b_torch}_autocast_bfloat16", **h2h}
     report["load_avg_end"] = os.getloadavg()
     print(json.dumps(report))
 

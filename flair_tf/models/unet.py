@@ -27,9 +27,8 @@ METADATA_EMBEDDING = 16
 
 def _decoder_conv(x, filters, name):
     # smp initialize_decoder: kaiming_uniform_(fan_in, relu), no bias (BN follows).
-    x = keras.layers.Conv2D(
-        filters, 3, padding="same", use_bias=False, kernel_initializer="he_uniform", name=f"{name}.0"
-    )(x)
+    # x may be [upsampled, skip]: the convolution of their concatenation (L.Conv2D).
+    x = L.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer="he_uniform", name=f"{name}.0")(x)
     x = L.batch_norm(f"{name}.1")(x)
     return keras.layers.ReLU(name=f"{name}.2")(x)
 
@@ -51,7 +50,7 @@ def unet_decoder(feats, prefix: str = "decoder", channels=DECODER_CHANNELS):
         name = f"{prefix}.blocks.{i}"
         x = keras.layers.UpSampling2D(2, interpolation="nearest", name=f"{name}.up")(x)
         if i < len(skips):
-            x = keras.layers.Concatenate(name=f"{name}.concat")([x, skips[i]])
+            x = [x, skips[i]]  # concatenated along channels by the convolution
         x = _decoder_conv(x, filters, f"{name}.conv1")
         x = _decoder_conv(x, filters, f"{name}.conv2")
     return x
