@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 FLIP_PROBABILITY = 0.5
@@ -53,34 +54,59 @@ def sample_transform(seed: tf.Tensor) -> Transform:
     )
 
 
-def _rot90(x: tf.Tensor, k: tf.Tensor, row_axis: int) -> tf.Tensor:
-    """`np.rot90(x, k, axes=(row_axis, row_axis + 1))` for a square grid."""
-    col_axis = row_axis + 1
-    perm = list(range(x.shape.rank))
-    perm[row_axis], perm[col_axis] = col_axis, row_axis
+def _d4_table() -> list[list[list[int]]]:
+    """[vflip][hflip][k] -> index of the equivalent single move in `_MOVES`.
 
-    def quarter(n: int):
-        # One counter-clockwise turn = transpose, then reverse the (new) rows.
-        def fn():
-            y = x
-            for _ in range(n):
-                y = tf.reverse(tf.transpose(y, perm), axis=[row_axis])
-            return y
-        return fn
+    The 16 draws of (vflip, hflip, k) produce only the 8 symmetries of the
+    square, and each of those is one optional transpose followed by reversing a
+    subset of the two axes. Composing them here, once, on a 2x2 index grid lets
+    `apply_transform` move every pixel once instead of up to four times.
+    """
+    grid = np.array([[0, 1], [2, 3]])  # four distinct values tell the 8 symmetries apart
+    table = []
+    for vflip in (False, True):
+        row = []
+        for hflip in (False, True):
+            cells = []
+            for k in range(4):
+                x = grid[::-1] if vflip else grid
+                x = x[:, ::-1] if hflip else x
+                x = np.rot90(x, k)
+                cells.append(next(i for i, (t, rows, cols) in enumerate(_MOVES)
+                                  if np.array_equal(_move_numpy(grid, t, rows, cols), x)))
+            row.append(cells)
+        table.append(row)
+    return table
 
-    # n = 2 is a double flip; n = 3 a transpose then a column reversal.
-    branches = [
-        lambda: x,
-        quarter(1),
-        lambda: tf.reverse(x, axis=[row_axis, col_axis]),
-        lambda: tf.reverse(tf.transpose(x, perm), axis=[col_axis]),
-    ]
-    return tf.switch_case(k, branches)
+
+# (transpose, reverse rows, reverse columns), applied in that order.
+_MOVES = tuple((t, r, c) for t in (False, True) for r in (False, True) for c in (False, True))
+
+
+def _move_numpy(x, transpose, rows, cols):
+    x = x.T if transpose else x
+    x = x[::-1] if rows else x
+    return x[:, ::-1] if cols else x
+
+
+_TABLE = None
+
+
+def _move_index(transform: Transform) -> tf.Tensor:
+    global _TABLE
+    if _TABLE is None:
+        _TABLE = _d4_table()
+    table = tf.constant(_TABLE, tf.int32)  # [2, 2, 4]
+    return table[tf.cast(transform.vflip, tf.int32), tf.cast(transform.hflip, tf.int32), transform.k]
 
 
 def apply_transform(x: tf.Tensor, transform: Transform,
                     spatial_axes: tuple[int, int] = (0, 1)) -> tf.Tensor:
     """Applies a drawn transform to one tensor.
+
+    The flips and the rotation are composed first into one of the 8 symmetries
+    of the square, so each element moves once (one transpose and/or one
+    reversal), whatever was drawn.
 
     Args:
       x: tensor whose `spatial_axes` (consecutive) are a square grid, e.g. an
@@ -100,10 +126,18 @@ def apply_transform(x: tf.Tensor, transform: Transform,
         raise ValueError(
             f"augmentation needs a square grid (rot90 changes a rectangle's shape). "
             f"Received shape {shape} with spatial_axes={spatial_axes}")
-    x = tf.cond(transform.vflip, lambda: tf.reverse(x, axis=[row_axis]), lambda: x)
-    x = tf.cond(transform.hflip, lambda: tf.reverse(x, axis=[col_axis]), lambda: x)
-    x = _rot90(x, transform.k, row_axis)
-    return tf.ensure_shape(x, shape)
+    perm = list(range(x.shape.rank))
+    perm[row_axis], perm[col_axis] = col_axis, row_axis
+
+    def move(transpose, rows, cols):
+        def fn():
+            y = tf.transpose(x, perm) if transpose else x
+            axes = [a for a, on in ((row_axis, rows), (col_axis, cols)) if on]
+            return tf.reverse(y, axis=axes) if axes else tf.identity(y)
+        return fn
+
+    y = tf.switch_case(_move_index(transform), [move(*m) for m in _MOVES])
+    return tf.ensure_shape(y, shape)
 
 
 def augment(tensors: Sequence[tf.Tensor], seed: tf.Tensor) -> list[tf.Tensor]:
