@@ -142,7 +142,8 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-def _array(value: Any, dtype: str | np.dtype, shape: tuple, what: str, name: str) -> memoryview:
+def _array(value: Any, dtype: str | np.dtype, shape: tuple, what: str, name: str) -> np.ndarray:
+    """``value`` checked and in the stored dtype; any strides (`serialize` copies it once)."""
     arr = np.asarray(value)
     if tuple(arr.shape) != tuple(shape):
         raise ValueError(f"{name}: {what} has shape {arr.shape}, expected {tuple(shape)}")
@@ -150,8 +151,7 @@ def _array(value: Any, dtype: str | np.dtype, shape: tuple, what: str, name: str
     if arr.dtype.kind != want.kind or arr.dtype.itemsize != want.itemsize:
         raise ValueError(f"{name}: {what} has dtype {arr.dtype}, expected {want.name}")
     # The explicit little-endian dtype: a no-op on x86/ARM, a byte swap on big-endian hosts.
-    arr = np.ascontiguousarray(arr.astype(want, copy=False))
-    return memoryview(arr.reshape(-1).view(np.uint8))
+    return arr.astype(want, copy=False)
 
 
 def _fields(example: Mapping[str, Any]) -> dict[str, tuple[int, Any]]:
@@ -207,35 +207,56 @@ def _fields(example: Mapping[str, Any]) -> dict[str, tuple[int, Any]]:
     return fields
 
 
-def serialize(example: Mapping[str, Any]) -> bytes:
+def serialize(example: Mapping[str, Any]) -> bytearray:
     """Serializes one patch into `tf.train.Example` bytes (the record written to shards).
 
     Deterministic: the same example always gives the same bytes (features in
-    key order, no timestamp). Args and errors as `encode`.
+    key order, no timestamp). The record is laid out in one buffer whose size
+    is computed first, and every array is copied into it exactly once (the
+    aerial bands are transposed to channels-last by that copy). Args and
+    errors as `encode`.
+
+    Returns:
+      The record, a `bytearray` (``tf.io.TFRecordWriter.write`` takes it as is).
     """
-    pieces: list[Any] = []
+    plan: list[tuple[bytes, Any, int]] = []  # (wire headers, payload, payload size)
     fields = _fields(example)
     for key in sorted(fields):
         kind, value = fields[key]
         if kind == _BYTES:
-            inner = [b"\x0a", _varint(len(value)), value]  # BytesList.value
-            inner_size = 1 + len(inner[1]) + len(value)
+            payload = value  # BytesList.value
         elif kind == _FLOAT:
-            raw = value.tobytes()  # packed FloatList.value
-            inner = [b"\x0a", _varint(len(raw)), raw]
-            inner_size = 1 + len(inner[1]) + len(raw)
+            payload = value.tobytes()  # packed FloatList.value
         else:
-            raw = _varint(value)  # packed Int64List.value
-            inner = [b"\x0a", _varint(len(raw)), raw]
-            inner_size = 1 + len(inner[1]) + len(raw)
-        feature = [bytes([kind]), _varint(inner_size), *inner]
-        feature_size = 1 + len(feature[1]) + inner_size
+            payload = _varint(value)  # packed Int64List.value
+        n = payload.nbytes if isinstance(payload, np.ndarray) else len(payload)
+        inner = b"\x0a" + _varint(n)
+        feature = bytes([kind]) + _varint(len(inner) + n)
         k = key.encode()
-        entry = [b"\x0a", _varint(len(k)), k, b"\x12", _varint(feature_size), *feature]
-        entry_size = 1 + len(entry[1]) + len(k) + 1 + len(entry[4]) + feature_size
-        pieces += [b"\x0a", _varint(entry_size), *entry]  # Features.feature map entry
-    body = b"".join(pieces)
-    return b"\x0a" + _varint(len(body)) + body  # Example.features
+        entry = b"\x0a" + _varint(len(k)) + k + b"\x12" + _varint(len(feature) + len(inner) + n)
+        entry_size = len(entry) + len(feature) + len(inner) + n
+        plan.append((b"\x0a" + _varint(entry_size) + entry + feature + inner, payload, n))  # Features.feature
+    body = sum(len(head) + n for head, _, n in plan)
+    prefix = b"\x0a" + _varint(body)  # Example.features
+    buf = bytearray(len(prefix) + body)
+    buf[:len(prefix)] = prefix
+    at = len(prefix)
+    for head, payload, n in plan:
+        buf[at:at + len(head)] = head
+        at += len(head)
+        if isinstance(payload, np.ndarray):
+            dst = np.frombuffer(buf, dtype=payload.dtype, count=payload.size, offset=at).reshape(payload.shape)
+            if payload.ndim == 3 and payload.shape[-1] <= 8 and not payload.flags.c_contiguous:
+                # A bands-first image viewed channels-last: one copy per band into the
+                # interleaved record is 3x faster than numpy's generic transposing copy.
+                for band in range(payload.shape[-1]):
+                    dst[..., band] = payload[..., band]
+            else:
+                np.copyto(dst, payload)
+        else:
+            buf[at:at + n] = payload
+        at += n
+    return buf
 
 
 def encode(example: Mapping[str, Any]) -> tf.train.Example:
@@ -257,7 +278,7 @@ def encode(example: Mapping[str, Any]) -> tf.train.Example:
     Raises:
       ValueError: on a wrong shape, dtype or metadata value; the message names the patch.
     """
-    return tf.train.Example.FromString(serialize(example))
+    return tf.train.Example.FromString(bytes(serialize(example)))
 
 
 # --------------------------------------------------------------------------- decode
