@@ -281,12 +281,11 @@ class PatchEncoder:
         p = item.patch
         image_name = os.path.basename(p.image)
         # Bands first, as stored in the GeoTIFF: the statistics read contiguous bands and
-        # the channels-last aerial record is built in one transposing copy.
-        image, georef = readers.read_image(p.image, size=self.patch_size, channels_last=False)
-        label = None
-        if p.mask is not None:
-            label = readers.read_mask(p.mask, size=self.patch_size)
-        elif item.labelled:
+        # the channels-last aerial record is built in one interleaving copy.
+        with _no_sidecar_lookup():
+            image, georef = readers.read_image(p.image, size=self.patch_size, channels_last=False)
+            label = readers.read_mask(p.mask, size=self.patch_size) if p.mask is not None else None
+        if p.mask is None and item.labelled:
             raise FlairDataError(
                 f"{image_name}: no mask MSK_{p.patch_id}.tif found for this image; expected one per "
                 f"image in the labels folder of {p.domain}/{p.zone} [{p.image}]"
@@ -325,6 +324,19 @@ class PatchEncoder:
             raise FlairDataError(f"{image_name}: {e} [{p.image}]") from e
         self._stats.add(image, label, p.domain, sentinel)
         return record
+
+
+def _no_sidecar_lookup():
+    """GDAL config for reading FLAIR GeoTIFFs: no directory listing on open.
+
+    By default GDAL lists a file's folder at every open to look for sidecars
+    (``.aux.xml``, ``.ovr``, world files). FLAIR patches carry their
+    georeferencing inside, their folders hold many files, and on ``gs://``
+    (``/vsigs/``) each listing is a request.
+    """
+    import rasterio  # pylint: disable=g-import-not-at-top
+
+    return rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -238,8 +238,9 @@ def _write_one(
         sidecar_path(task.path),
         {"fingerprint": task.fingerprint, "num_examples": count, "num_bytes": size,
          "stats": stats, "skipped": skipped,
-         # Wall-clock span of the shard's writing (unix time): throughput measurements only.
-         "started": round(started, 3), "finished": round(time.time(), 3)},
+         # Wall-clock span of the shard's writing (unix time) and the writing process:
+         # throughput measurements only.
+         "started": round(started, 3), "finished": round(time.time(), 3), "worker": os.getpid()},
     )
     return ShardResult(task.path, count, size, stats, skipped)
 
