@@ -327,10 +327,13 @@ def _bands(aerial: tf.Tensor, elevation: tf.Tensor, channels: Sequence[int]) -> 
     return select_channels(tf.concat([aerial, elevation], axis=-1), channels)
 
 
-def make_aerial_fn(channels: Sequence[int], num_classes: int, augment: bool, jit_compile: bool):
+def make_aerial_fn(channels: Sequence[int], num_classes: int, augment: bool, jit_compile: bool,
+                   with_unaugmented: bool = True):
     """The aerial half of the parser, ``fn(aerial, elevation, codes, vflip, hflip, k)``.
 
-    Returns ``(image uint8 [P,P,C], label int32 [P,P], unaugmented label int32)``.
+    Returns ``(image uint8 [P,P,C], label int32 [P,P], unaugmented label int32)``;
+    the last is None without `with_unaugmented` (FLAIR #1 has no use for it, and
+    computing it costs a 1 MB write per 512 px example).
     With `jit_compile` the function is XLA-compiled (one fused pass instead of a
     dozen kernels: about 2x less CPU at 512 px); otherwise, on little-endian
     hosts, image and label are packed into one 64-bit word per pixel before the
@@ -341,25 +344,29 @@ def make_aerial_fn(channels: Sequence[int], num_classes: int, augment: bool, jit
     def direct(aerial, elevation, codes, vflip, hflip, k):
         label = remap_codes(codes, num_classes)
         image = _bands(aerial, elevation, channels)
-        unaugmented = tf.cast(label, tf.int32)
+        unaugmented = (tf.cast(label, tf.int32),) if with_unaugmented else ()
         if not augment:
-            return image, unaugmented, unaugmented
+            return (image, tf.cast(label, tf.int32), *unaugmented)
         transform = augment_lib.Transform(vflip, hflip, k)
         return (augment_lib.apply_transform(image, transform),
-                tf.cast(augment_lib.apply_transform(label, transform), tf.int32), unaugmented)
+                tf.cast(augment_lib.apply_transform(label, transform), tf.int32), *unaugmented)
 
     def packed(aerial, elevation, codes, vflip, hflip, k):
         label = remap_codes(codes, num_classes)
         words = augment_lib.apply_transform(_pack(aerial, elevation, label),
                                             augment_lib.Transform(vflip, hflip, k))
         image, augmented = _unpack(words, channels)
-        return image, augmented, tf.cast(label, tf.int32)
+        return (image, augmented, tf.cast(label, tf.int32)) if with_unaugmented else (image, augmented)
 
     if jit_compile:
-        return tf.function(direct, jit_compile=True)
-    if augment and _LITTLE_ENDIAN:
-        return packed
-    return direct
+        fn = tf.function(direct, jit_compile=True)
+    elif augment and _LITTLE_ENDIAN:
+        fn = packed
+    else:
+        fn = direct
+    if with_unaugmented:
+        return fn
+    return lambda *args: (*fn(*args), None)
 
 
 def resolve_files(file_pattern: str | Sequence[str], task: str, split: str) -> list[str]:
@@ -410,7 +417,7 @@ class _Parser:
         self.with_eval_keys = with_eval_keys
         self.channels = channel_indices(config.channels)
         self.aerial_fn = make_aerial_fn(self.channels, config.num_classes, self.augment,
-                                        config.jit_compile)
+                                        config.jit_compile, with_unaugmented=spec.task == "flair2")
         if spec.task == "flair2":
             if config.sentinel_size > spec.sentinel_size:
                 raise ValueError(
