@@ -32,6 +32,7 @@ from absl import logging
 
 import flair_tf
 from flair_tf.data import layout, readers, schema, writer
+from flair_tf.data import metadata as metadata_lib
 from flair_tf.data.readers import FlairDataError
 
 NUM_AERIAL_STATS_BANDS = 5  # R, G, B, NIR, elevation
@@ -295,6 +296,12 @@ class PatchEncoder:
                 f"{image_name}: no record {p.name!r} in the metadata JSON {item.metadata_json}; "
                 f"expected one per patch [{p.image}]"
             )
+        missing = [k for k in metadata_lib.REQUIRED_KEYS if k not in item.metadata]
+        if missing:
+            raise FlairDataError(
+                f"{image_name}: its record in the metadata JSON {item.metadata_json} lacks {missing}; "
+                f"expected keys {list(metadata_lib.REQUIRED_KEYS)} [{p.image}]"
+            )
         example = {
             "aerial": np.transpose(image[:4], (1, 2, 0)),
             "elevation": image[4][..., None],
@@ -402,14 +409,17 @@ def plan_split(options: ConvertOptions, split: str, items: Sequence[WorkItem]) -
     return tasks
 
 
-def _work_items(tree: layout.FlairTree, split: str, cache: dict) -> tuple[list[WorkItem], bool]:
+def _work_items(tree: layout.FlairTree, split: str, cache: dict,
+                strict_metadata: bool = True) -> tuple[list[WorkItem], bool]:
+    # Lenient reading (--on_error=skip) leaves a bad metadata record to its patch's encoding,
+    # which fails alone and is skipped; strict reading fails before any shard is written.
     if tree.metadata_json is None:
         raise FlairDataError(
             f"{tree.root}: no metadata JSON found; expected one of "
             f"{list(layout.METADATA_NAMES[tree.task])} in the data root"
         )
     if "metadata" not in cache:  # read once per conversion, shared by the splits
-        cache["metadata"] = readers.read_metadata_json(tree.metadata_json)
+        cache["metadata"] = readers.read_metadata_json(tree.metadata_json, strict=strict_metadata)
     metadata = cache["metadata"]
     centroids = {}
     if tree.task == "flair2":
@@ -510,7 +520,7 @@ def convert(options: ConvertOptions) -> dict:
     factory = EncoderFactory(spec.task, spec.patch_size, spec.sentinel_size)
     plans, cache = {}, {}
     for split in options.splits:
-        items, labelled = _work_items(tree, split, cache)
+        items, labelled = _work_items(tree, split, cache, strict_metadata=options.on_error == "fail")
         plans[split] = (plan_split(options, split, items), labelled)
         logging.info("%s %s: %d patches -> %d shards", options.task, split, len(items), len(plans[split][0]))
     # One writer call for all splits: the worker processes start (and import TF) once.

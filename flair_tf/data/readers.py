@@ -205,15 +205,23 @@ def _load_json(path: str) -> Any:
         raise FlairDataError(f"{_base(path)} is not valid JSON ({e}) [{path}]") from e
 
 
-def read_metadata_json(path: str) -> dict[str, dict]:
+def read_metadata_json(path: str, strict: bool = True) -> dict[str, dict]:
     """Reads the aerial metadata JSON (``flair-1_metadata_aerial.json`` ...).
+
+    Args:
+      path: the JSON file.
+      strict: raise on the first bad record. With False (conversion with
+        ``--on_error=skip``), a record lacking a required key is kept as it is,
+        so that encoding its patch fails and the patch alone is skipped with
+        the key named; an entry that is not ``"IMG_<id>": {...}`` is left out
+        with a warning (no patch could use it).
 
     Returns:
       ``{"IMG_000717": {"domain": ..., "zone": ..., "patch_centroid_x": ..., ...}}``.
 
     Raises:
-      FlairDataError: not a JSON object keyed ``IMG_<id>``, or a record without
-        one of `metadata.REQUIRED_KEYS`.
+      FlairDataError: not a JSON object keyed ``IMG_<id>``, or (`strict`) a
+        record without one of `metadata.REQUIRED_KEYS`.
     """
     content = _load_json(path)
     if not isinstance(content, dict):
@@ -225,11 +233,13 @@ def read_metadata_json(path: str) -> dict[str, dict]:
     for key, record in content.items():
         name = key[:-4] if key.endswith(".tif") else key
         if not _IMG_KEY_RE.match(name) or not isinstance(record, dict):
-            raise FlairDataError(
-                f'{_base(path)}: entry {key!r} is not "IMG_<id>": {{...}} [{path}]'
-            )
+            message = f'{_base(path)}: entry {key!r} is not "IMG_<id>": {{...}} [{path}]'
+            if strict:
+                raise FlairDataError(message)
+            logging.warning("%s; ignored", message)
+            continue
         missing = [k for k in metadata_lib.REQUIRED_KEYS if k not in record]
-        if missing:
+        if missing and strict:
             raise FlairDataError(
                 f"{_base(path)}: record {key} lacks {missing}; expected keys "
                 f"{list(metadata_lib.REQUIRED_KEYS)} [{path}]"

@@ -227,6 +227,15 @@ def test_metadata_key_or_record_missing(flair1_tree, tmp_path):
     json.dump(meta, open(path, "w"))
     msg = _fails_naming("flair1", root, tmp_path / "out", "flair-1_metadata_aerial.json")
     assert name in msg and "camera" in msg
+    # skip: only that patch is left out, with the missing key named; a malformed entry is ignored.
+    meta["IMG_not_a_patch"] = []
+    json.dump(meta, open(path, "w"))
+    info = convert.convert(_options("flair1", root, tmp_path / "skip", on_error="skip"))
+    s = info["splits"]["val"]
+    assert s["num_examples"] == 7 == len(_records(str(tmp_path / "skip"), "flair1", "val"))
+    assert [x["file"] for x in s["skipped"]] == [_val_images(root)[0]]
+    assert "camera" in s["skipped"][0]["reason"] and "metadata JSON" in s["skipped"][0]["reason"]
+    del meta["IMG_not_a_patch"]
     del meta[name]
     json.dump(meta, open(path, "w"))
     msg = _fails_naming("flair1", root, tmp_path / "out2", f"{name}.tif")
