@@ -33,6 +33,7 @@ import contextlib
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -132,9 +133,14 @@ def _torch_worker(spec):
     return train_step, infer_step
 
 
+def _steps(spec):
+    """(train step, inference step) of the spec's framework."""
+    return (_torch_worker if spec["framework"] == "torch" else _keras_worker)(spec)
+
+
 def _measure(spec):
     """One-shot worker: warm-up, then the timed rates."""
-    train_step, infer_step = (_torch_worker if spec["framework"] == "torch" else _keras_worker)(spec)
+    train_step, infer_step = _steps(spec)
     train = _rate(train_step, spec["steps"], spec["warmup"])
     infer = _rate(infer_step, spec["steps"], spec["warmup"]) * spec["infer_batch"]
     return {"train_steps_per_s": round(train, 4), "infer_images_per_s": round(infer, 4)}
@@ -147,8 +153,7 @@ def _serve(spec):
     rate on stdout, so that the parent can alternate two frameworks round by
     round and compare measurements taken seconds apart.
     """
-    steps = {}
-    steps["train"], steps["infer"] = (_torch_worker if spec["framework"] == "torch" else _keras_worker)(spec)
+    steps = dict(zip(("train", "infer"), _steps(spec)))
     for fn in steps.values():
         for _ in range(spec["warmup"]):
             fn()
@@ -186,10 +191,8 @@ def _head_to_head(ours_spec, ours_env, torch_spec, rounds):
                     proc.stdin.write(what + "\n")
                     proc.stdin.flush()
                     rates[name].append(json.loads(proc.stdout.readline())[what])
-            ratios = sorted(o / t for o, t in zip(rates["ours"], rates["torch"]))
             out[key] = rates
-            out[f"ratio_{what}"] = round(ratios[len(ratios) // 2] if rounds % 2 else
-                                         (ratios[rounds // 2 - 1] + ratios[rounds // 2]) / 2, 3)
+            out[f"ratio_{what}"] = round(statistics.median(o / t for o, t in zip(rates["ours"], rates["torch"])), 3)
         return out
     finally:
         for proc in procs.values():
@@ -265,22 +268,20 @@ def main(argv):
             b_ours, b_torch = _best(ours, "train_steps_per_s"), _best(torch_results, "train_steps_per_s")
             if FLAGS.rounds and b_ours and b_torch:
                 env, jit = configs[b_ours]
-                h2h = _head_to_head(
-                    {**common, "framework": "keras", "arch": "unet", "jit": jit, "policy": "float32"}, env,
-                    {**common, "framework": "torch", "channels_last": b_torch == "channels_last1",
-                     "torch_threads": FLAGS.torch_threads}, FLAGS.rounds)
-                report["head_to_head"] = {"ours": b_ours, "torch": b_torch, **h2h}
-                for short in ("train", "infer"):
-                    if f"ratio_{short}" in h2h:
-                        report[f"ratio_{short}"] = h2h[f"ratio_{short}"]
+                # Same precision on both sides: float32, then (if timed) Keras mixed_bfloat16
+                # against torch.autocast(bfloat16).
+                pairs = [("head_to_head", "float32", "", "")]
                 if "mixed_bfloat16" in FLAGS.policies:
-                    # Same precision on both sides: Keras mixed_bfloat16 vs torch.autocast(bfloat16).
+                    pairs.append(("head_to_head_bfloat16", "mixed_bfloat16", "_mixed_bfloat16", "_autocast_bfloat16"))
+                for report_key, policy, ours_suffix, torch_suffix in pairs:
                     h2h = _head_to_head(
-                        {**common, "framework": "keras", "arch": "unet", "jit": jit, "policy": "mixed_bfloat16"},
-                        env, {**common, "framework": "torch", "channels_last": b_torch == "channels_last1",
-                              "torch_threads": FLAGS.torch_threads, "bf16": True}, FLAGS.rounds)
-                    report["head_to_head_bfloat16"] = {"ours": f"{b_ours}_mixed_bfloat16",
-                                                       "torch": f"{b_torch}_autocast_bfloat16", **h2h}
+                        {**common, "framework": "keras", "arch": "unet", "jit": jit, "policy": policy}, env,
+                        {**common, "framework": "torch", "channels_last": b_torch == "channels_last1",
+                         "torch_threads": FLAGS.torch_threads, "bf16": policy != "float32"}, FLAGS.rounds)
+                    report[report_key] = {"ours": b_ours + ours_suffix, "torch": b_torch + torch_suffix, **h2h}
+                for short in ("train", "infer"):
+                    if f"ratio_{short}" in report["head_to_head"]:
+                        report[f"ratio_{short}"] = report["head_to_head"][f"ratio_{short}"]
     report["load_avg_end"] = os.getloadavg()
     print(json.dumps(report))
 

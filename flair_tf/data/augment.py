@@ -89,14 +89,11 @@ def _move_numpy(x, transpose, rows, cols):
     return x[:, ::-1] if cols else x
 
 
-_TABLE = None
+_MOVE_TABLE = _d4_table()  # [2, 2, 4]
 
 
 def _move_index(transform: Transform) -> tf.Tensor:
-    global _TABLE
-    if _TABLE is None:
-        _TABLE = _d4_table()
-    table = tf.constant(_TABLE, tf.int32)  # [2, 2, 4]
+    table = tf.constant(_MOVE_TABLE, tf.int32)
     return table[tf.cast(transform.vflip, tf.int32), tf.cast(transform.hflip, tf.int32), transform.k]
 
 

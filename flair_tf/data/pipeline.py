@@ -344,12 +344,13 @@ def make_aerial_fn(channels: Sequence[int], num_classes: int, augment: bool, jit
     def direct(aerial, elevation, codes, vflip, hflip, k):
         label = remap_codes(codes, num_classes)
         image = _bands(aerial, elevation, channels)
-        unaugmented = (tf.cast(label, tf.int32),) if with_unaugmented else ()
+        unaugmented = tf.cast(label, tf.int32)
+        extra = (unaugmented,) if with_unaugmented else ()
         if not augment:
-            return (image, tf.cast(label, tf.int32), *unaugmented)
+            return (image, unaugmented, *extra)
         transform = augment_lib.Transform(vflip, hflip, k)
         return (augment_lib.apply_transform(image, transform),
-                tf.cast(augment_lib.apply_transform(label, transform), tf.int32), *unaugmented)
+                tf.cast(augment_lib.apply_transform(label, transform), tf.int32), *extra)
 
     def packed(aerial, elevation, codes, vflip, hflip, k):
         label = remap_codes(codes, num_classes)

@@ -350,7 +350,6 @@ class BatchNormalization(keras.layers.BatchNormalization):
         if not self._fusable(inputs, training, mask):
             return super().call(inputs, training=training, mask=mask)
         x = inputs
-        shape = tf.shape(x)
         if len(x.shape) != 4:
             x = tf.reshape(x, [1, -1, 1, x.shape[-1]])
         train = bool(training) and self.trainable
@@ -369,7 +368,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
             self.moving_mean.assign(mean)
             self.moving_variance.assign(var)
         if len(inputs.shape) != 4:
-            y = tf.reshape(y, shape)
+            y = tf.reshape(y, tf.shape(inputs))
         return ops.cast(y, self.compute_dtype)
 
 
@@ -391,12 +390,16 @@ class Conv2D(keras.layers.Conv2D):
         super().__init__(*args, **kwargs)
         self.input_spec = None  # Keras's spec admits one tensor; the kernel checks shapes
 
-    def build(self, input_shape):
+    @staticmethod
+    def _concatenated(input_shape):
+        """(shape of the channel concatenation, channels per input or None for one tensor)."""
         if isinstance(input_shape, (list, tuple)) and input_shape and isinstance(input_shape[0], (list, tuple)):
-            self._splits = [int(s[-1]) for s in input_shape]
-            input_shape = tuple(input_shape[0][:-1]) + (sum(self._splits),)
-        else:
-            self._splits = None
+            splits = [int(s[-1]) for s in input_shape]
+            return tuple(input_shape[0][:-1]) + (sum(splits),), splits
+        return input_shape, None
+
+    def build(self, input_shape):
+        input_shape, self._splits = self._concatenated(input_shape)
         super().build(input_shape)
         self.input_spec = None
 
@@ -413,9 +416,7 @@ class Conv2D(keras.layers.Conv2D):
         return self.activation(outputs) if self.activation is not None else outputs
 
     def compute_output_shape(self, input_shape):
-        if isinstance(input_shape, (list, tuple)) and input_shape and isinstance(input_shape[0], (list, tuple)):
-            input_shape = tuple(input_shape[0][:-1]) + (sum(int(s[-1]) for s in input_shape),)
-        return super().compute_output_shape(input_shape)
+        return super().compute_output_shape(self._concatenated(input_shape)[0])
 
 
 def batch_norm(name: str, axis: int = -1) -> BatchNormalization:

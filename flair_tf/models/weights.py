@@ -105,14 +105,6 @@ def _to_torch(class_name: str, layer_name: str, var: str, value: np.ndarray) -> 
     return value
 
 
-def _class_name(layer: keras.layers.Layer) -> str:
-    """The mapping-table entry of ``layer``: its class or nearest base in `_PARAMS`."""
-    for cls in type(layer).__mro__:
-        if cls.__name__ in _PARAMS:
-            return cls.__name__
-    return type(layer).__name__
-
-
 def model_tensors(model: keras.Model) -> dict[str, tuple[keras.layers.Layer, keras.Variable]]:
     """PyTorch key -> (layer, variable) for every weight of ``model``.
 
@@ -121,7 +113,7 @@ def model_tensors(model: keras.Model) -> dict[str, tuple[keras.layers.Layer, ker
     """
     table = {}
     for layer in _flat_layers(model):
-        class_name = _class_name(layer)
+        class_name = type(layer).__name__
         variables = [v for v in layer.weights if "seed_generator" not in v.path]
         if not variables:
             continue
@@ -154,7 +146,7 @@ def export_state_dict(model: keras.Model, num_batches_tracked: bool = False) -> 
     """
     out = {}
     for key, (layer, v) in model_tensors(model).items():
-        class_name = _class_name(layer)
+        class_name = type(layer).__name__
         out[key] = _to_torch(class_name, layer.name, _var_name(v), np.asarray(keras.ops.convert_to_numpy(v)))
         if num_batches_tracked and class_name == "BatchNormalization" and key.endswith(".running_var"):
             out[f"{layer.name}.num_batches_tracked"] = np.zeros((), np.int64)
@@ -196,7 +188,7 @@ def load_state_dict(
             unexpected.append(raw_key)
             continue
         layer, v = table[key]
-        value = _to_keras(_class_name(layer), layer.name, _var_name(v), np.asarray(value))
+        value = _to_keras(type(layer).__name__, layer.name, _var_name(v), np.asarray(value))
         if tuple(value.shape) != tuple(v.shape):
             mismatched.append(f"{raw_key}: checkpoint {tuple(np.shape(value))} (Keras layout) vs model {tuple(v.shape)}")
             continue
