@@ -240,8 +240,10 @@ def rate_pipeline(task: str, records: str, seconds: float) -> dict[str, float]:
 
 def rate_raw(files, seconds: float) -> dict[str, float]:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from flair_tf.data import pipeline  # pylint: disable=g-import-not-at-top
 
-    ds = tf.data.TFRecordDataset(files, buffer_size=8 << 20,
+    # The pipeline's own reader settings, without any processing.
+    ds = tf.data.TFRecordDataset(files, buffer_size=pipeline.read_buffer_size(files[0]),
                                  num_parallel_reads=tf.data.AUTOTUNE).repeat().batch(64)
     it = iter(ds)
     next(it)

@@ -43,14 +43,14 @@ def sample_transform(seed: tf.Tensor) -> Transform:
     Returns:
       A `Transform` with the reference probabilities.
     """
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=4)
-    uniform = [tf.random.stateless_uniform([], seed=seeds[i]) for i in range(3)]
-    k = tf.random.stateless_uniform([], seed=seeds[3], minval=0, maxval=4, dtype=tf.int32)
-    rotate = uniform[2] < ROTATE_PROBABILITY
+    # One random op for the four draws (flip, flip, rotate?, k): a quarter of the
+    # kernels a split seed per draw would take, in the per-example parser.
+    u = tf.random.stateless_uniform([4], seed=tf.cast(seed, tf.int64))
+    k = tf.minimum(tf.cast(u[3] * 4.0, tf.int32), 3)
     return Transform(
-        vflip=uniform[0] < FLIP_PROBABILITY,
-        hflip=uniform[1] < FLIP_PROBABILITY,
-        k=tf.where(rotate, k, 0),
+        vflip=u[0] < FLIP_PROBABILITY,
+        hflip=u[1] < FLIP_PROBABILITY,
+        k=tf.where(u[2] < ROTATE_PROBABILITY, k, 0),
     )
 
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import posixpath
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -284,29 +284,55 @@ def encode(example: Mapping[str, Any]) -> tf.train.Example:
 # --------------------------------------------------------------------------- decode
 
 
-def _parse_spec(spec: RecordSpec, with_raw_metadata: bool) -> dict[str, Any]:
-    fixed = lambda dtype, shape=(): tf.io.FixedLenFeature(shape, dtype)  # noqa: E731
-    keys = {
-        "aerial": fixed(tf.string),
-        "elevation": fixed(tf.string),
-        "label": fixed(tf.string),
-        "has_label": fixed(tf.int64),
-        "metadata/vector": fixed(tf.float32, [metadata_lib.METADATA_SIZE]),
-        "metadata/month": fixed(tf.int64),
-        "patch_id": fixed(tf.string),
-        "domain": fixed(tf.string),
-        "zone": fixed(tf.string),
-        "crs_wkt": fixed(tf.string),
-        "transform": fixed(tf.string),
-    }
+# Record features each decoded key reads (the Sentinel arrays need their length too).
+_SOURCES = {
+    "aerial": ("aerial",),
+    "elevation": ("elevation",),
+    "label": ("label",),
+    "has_label": ("has_label",),
+    "metadata": ("metadata/vector",),
+    "metadata_month": ("metadata/month",),
+    "patch_id": ("patch_id",),
+    "domain": ("domain",),
+    "zone": ("zone",),
+    "crs_wkt": ("crs_wkt",),
+    "transform": ("transform",),
+}
+_RAW_METADATA_SOURCES = {
+    "metadata_date": ("metadata/date",),
+    "metadata_time": ("metadata/time",),
+    "metadata_camera": ("metadata/camera",),
+    "metadata_centroid": ("metadata/centroid",),
+}
+_SENTINEL_SOURCES = {
+    "sentinel_data": ("sentinel/data", "sentinel/length"),
+    "sentinel_masks": ("sentinel/masks", "sentinel/length"),
+    "sentinel_dates": ("sentinel/dates", "sentinel/length"),
+    "sentinel_length": ("sentinel/length",),
+}
+_INT64_FEATURES = ("has_label", "metadata/month", "sentinel/length")
+
+
+def decoded_keys(spec: RecordSpec, with_raw_metadata: bool = False) -> tuple[str, ...]:
+    """Every key `decode` can return for records of `spec`."""
+    keys = list(_SOURCES)
     if with_raw_metadata:
-        for k in ("metadata/date", "metadata/time", "metadata/camera", "metadata/centroid"):
-            keys[k] = fixed(tf.string)
+        keys += list(_RAW_METADATA_SOURCES)
     if spec.task == "flair2":
-        for k in ("sentinel/data", "sentinel/masks", "sentinel/dates"):
-            keys[k] = fixed(tf.string)
-        keys["sentinel/length"] = fixed(tf.int64)
-    return keys
+        keys += list(_SENTINEL_SOURCES)
+    return tuple(keys)
+
+
+def _parse_spec(features: Sequence[str]) -> dict[str, Any]:
+    out = {}
+    for name in features:
+        if name == "metadata/vector":
+            out[name] = tf.io.FixedLenFeature([metadata_lib.METADATA_SIZE], tf.float32)
+        elif name in _INT64_FEATURES:
+            out[name] = tf.io.FixedLenFeature([], tf.int64)
+        else:
+            out[name] = tf.io.FixedLenFeature([], tf.string)
+    return out
 
 
 def _raw(value: tf.Tensor, dtype: tf.DType, shape) -> tf.Tensor:
@@ -314,7 +340,8 @@ def _raw(value: tf.Tensor, dtype: tf.DType, shape) -> tf.Tensor:
 
 
 def decode(
-    serialized: tf.Tensor, spec: RecordSpec, with_raw_metadata: bool = False
+    serialized: tf.Tensor, spec: RecordSpec, with_raw_metadata: bool = False,
+    keys: Sequence[str] | None = None,
 ) -> dict[str, tf.Tensor]:
     """Decodes one serialized record (pure TF; graph- and `tf.data`-safe).
 
@@ -323,6 +350,9 @@ def decode(
       spec: the `RecordSpec` of the records (`RecordSpec.from_info`).
       with_raw_metadata: also return ``metadata_date``, ``metadata_time``,
         ``metadata_camera`` (strings) and ``metadata_centroid`` (float64 [3]).
+      keys: the decoded keys wanted (default: all of `decoded_keys`); the
+        other features of the record are not even parsed (a training
+        pipeline needs 3 of FLAIR #1's 11).
 
     Returns:
       ``aerial`` uint8 [P,P,4], ``elevation`` uint8 [P,P,1], ``label`` uint8
@@ -331,39 +361,48 @@ def decode(
       ``domain``, ``zone``, ``crs_wkt`` strings, ``transform`` float64 [6]; and
       for FLAIR #2 ``sentinel_data`` uint16 [T,S,S,10], ``sentinel_masks`` uint8
       [T,S,S,2], ``sentinel_dates`` int32 [T] (YYYYMMDD), ``sentinel_length``
-      int32 (= T).
+      int32 (= T). Only `keys` when given.
+
+    Raises:
+      ValueError: a key of `keys` that these records cannot give.
     """
+    available = decoded_keys(spec, with_raw_metadata)
+    keys = available if keys is None else tuple(keys)
+    unknown = [k for k in keys if k not in available]
+    if unknown:
+        raise ValueError(f"cannot decode {unknown} from {spec.task} records"
+                         f"{'' if with_raw_metadata else ' (without with_raw_metadata)'}; "
+                         f"choose from {list(available)}")
+    sources = {**_SOURCES, **_RAW_METADATA_SOURCES, **_SENTINEL_SOURCES}
+    features = list(dict.fromkeys(name for k in keys for name in sources[k]))
+    f = tf.io.parse_single_example(serialized, _parse_spec(features))
     p = spec.patch_size
-    f = tf.io.parse_single_example(serialized, _parse_spec(spec, with_raw_metadata))
-    label = tf.io.decode_raw(f["label"], tf.uint8)
-    # Unlabelled records store no label bytes: pad to P*P zeros (no tf.cond needed).
-    label = tf.pad(label, [[0, p * p - tf.size(label)]])
-    out = {
-        "aerial": _raw(f["aerial"], tf.uint8, [p, p, 4]),
-        "elevation": _raw(f["elevation"], tf.uint8, [p, p, 1]),
-        "label": tf.reshape(label, [p, p]),
-        "has_label": tf.cast(f["has_label"], tf.bool),
-        "metadata": f["metadata/vector"],
-        "metadata_month": tf.cast(f["metadata/month"], tf.int32),
-        "patch_id": f["patch_id"],
-        "domain": f["domain"],
-        "zone": f["zone"],
-        "crs_wkt": f["crs_wkt"],
-        "transform": _raw(f["transform"], tf.float64, [6]),
+    s, nb = spec.sentinel_size, len(SENTINEL_BANDS)
+    t = tf.cast(f["sentinel/length"], tf.int32) if "sentinel/length" in f else None
+
+    def label():
+        codes = tf.io.decode_raw(f["label"], tf.uint8)
+        # Unlabelled records store no label bytes: pad to P*P zeros (no tf.cond needed).
+        return tf.reshape(tf.pad(codes, [[0, p * p - tf.size(codes)]]), [p, p])
+
+    build = {
+        "aerial": lambda: _raw(f["aerial"], tf.uint8, [p, p, 4]),
+        "elevation": lambda: _raw(f["elevation"], tf.uint8, [p, p, 1]),
+        "label": label,
+        "has_label": lambda: tf.cast(f["has_label"], tf.bool),
+        "metadata": lambda: f["metadata/vector"],
+        "metadata_month": lambda: tf.cast(f["metadata/month"], tf.int32),
+        "transform": lambda: _raw(f["transform"], tf.float64, [6]),
+        "metadata_centroid": lambda: _raw(f["metadata/centroid"], tf.float64, [3]),
+        "sentinel_data": lambda: tf.ensure_shape(
+            _raw(f["sentinel/data"], tf.uint16, [t, s, s, nb]), [None, s, s, nb]),
+        "sentinel_masks": lambda: tf.ensure_shape(
+            _raw(f["sentinel/masks"], tf.uint8, [t, s, s, 2]), [None, s, s, 2]),
+        "sentinel_dates": lambda: tf.ensure_shape(_raw(f["sentinel/dates"], tf.int32, [t]), [None]),
+        "sentinel_length": lambda: t,
     }
-    if with_raw_metadata:
-        out["metadata_date"] = f["metadata/date"]
-        out["metadata_time"] = f["metadata/time"]
-        out["metadata_camera"] = f["metadata/camera"]
-        out["metadata_centroid"] = _raw(f["metadata/centroid"], tf.float64, [3])
-    if spec.task == "flair2":
-        s, t = spec.sentinel_size, tf.cast(f["sentinel/length"], tf.int32)
-        nb = len(SENTINEL_BANDS)
-        out["sentinel_data"] = tf.ensure_shape(_raw(f["sentinel/data"], tf.uint16, [t, s, s, nb]), [None, s, s, nb])
-        out["sentinel_masks"] = tf.ensure_shape(_raw(f["sentinel/masks"], tf.uint8, [t, s, s, 2]), [None, s, s, 2])
-        out["sentinel_dates"] = tf.ensure_shape(_raw(f["sentinel/dates"], tf.int32, [t]), [None])
-        out["sentinel_length"] = t
-    return out
+    # The rest are strings passed through as parsed.
+    return {k: build[k]() if k in build else f[sources[k][0]] for k in keys}
 
 
 # --------------------------------------------------------------------------- files

@@ -40,7 +40,7 @@ def test_apply_transform_matches_numpy(vflip, hflip, k):
 def test_label_moves_exactly_like_the_image_eager_and_in_tf_data():
     image = coordinate_image()
     label = (np.arange(P * P).reshape(P, P) % 19 + 1).astype(np.uint8)
-    seeds = np.stack([np.full(64, 7), np.arange(64)], axis=1).astype(np.int64)
+    seeds = np.stack([np.full(160, 7), np.arange(160)], axis=1).astype(np.int64)
 
     def fn(seed):
         img, lab = augment.augment([tf.constant(image), tf.constant(label)], seed)
@@ -57,7 +57,7 @@ def test_label_moves_exactly_like_the_image_eager_and_in_tf_data():
         np.testing.assert_array_equal(g_lab, label[src_r, src_c])
         np.testing.assert_array_equal(g_img[..., 2], image[src_r, src_c, 2])
         seen.add(g_img[..., :2].tobytes())
-    assert len(seen) == 8  # all 8 elements of the dihedral group show up in 64 draws
+    assert len(seen) == 8  # all 8 elements of the dihedral group show up in 160 draws (P(one missing) ~ 1e-4)
 
 
 def test_same_seed_same_transform():

@@ -130,7 +130,7 @@ def test_evaluation_batches_cover_every_example_once(records, num_classes):
     ds = pl.make_dataset(directory, "val", cfg, batch_size=4, pad_final_batch=True)
     spec = ds.element_spec[0]
     assert spec["aerial"].shape == (4, P, P, 3) and spec["aerial"].dtype == tf.uint8
-    assert ds.element_spec[1]["aerial"].dtype == tf.int32
+    assert ds.element_spec[1]["aerial"].dtype == tf.uint8  # cast by losses and metrics
     got = batches(ds)
     assert len(got) == 3  # 11 examples -> 4 + 4 + 3 real, 1 filler
     assert [int(f["valid"].sum()) for f, _ in got] == [4, 4, 3]
@@ -290,7 +290,7 @@ def test_flair2_sentinel_features_and_labels(records, augment_sentinel):
     assert spec[0]["sentinel"].shape == (4, 12, S, S, 10)
     assert spec[0]["sentinel_dates"].dtype == tf.float32
     assert spec[0]["sentinel_pad_mask"].dtype == tf.bool
-    assert spec[1]["sentinel"].dtype == tf.int32
+    assert spec[1]["sentinel"].dtype == tf.uint8
     rotated = 0
     for (fp, lp), (fa, la) in zip(plain, aug):
         np.testing.assert_array_equal(fp["patch_id"], fa["patch_id"])  # same order
@@ -454,10 +454,10 @@ def test_on_converted_synthetic_records(flair2_records):
 
 
 @pytest.mark.parametrize("num_classes", [13, 19])
-def test_remap_labels_equals_the_nomenclature_table(num_classes):
+def test_remap_codes_equals_the_nomenclature_table(num_classes):
     codes = np.arange(256, dtype=np.uint8).reshape(16, 16)
-    got = pl.remap_labels(tf.constant(codes), num_classes).numpy()
-    assert got.dtype == np.int32
+    got = pl.remap_codes(tf.constant(codes), num_classes).numpy()
+    assert got.dtype == np.uint8
     np.testing.assert_array_equal(got, nomenclature.code_to_index_lut(num_classes)[codes])
 
 
@@ -470,7 +470,8 @@ def test_pack_unpack_round_trip(channels):
     words = pl._pack(tf.constant(aerial), tf.constant(elevation), tf.constant(codes))
     image, back = pl._unpack(words, channels)
     np.testing.assert_array_equal(image, np.concatenate([aerial, elevation], -1)[..., channels])
-    np.testing.assert_array_equal(back, codes.astype(np.int32))
+    assert back.dtype == tf.uint8
+    np.testing.assert_array_equal(back, codes)
 
 
 @pytest.mark.parametrize("augment", [True, False])

@@ -89,6 +89,28 @@ def test_round_trip_eager_and_in_tf_data(task):
         assert ds.element_spec["aerial"].shape.as_list() == [P, P, 4]
 
 
+@pytest.mark.parametrize("task", ["flair1", "flair2"])
+def test_decoding_some_keys_gives_the_same_values(task):
+    rng = np.random.default_rng(2)
+    spec = schema.RecordSpec(task, P, S if task == "flair2" else None)
+    record = tf.constant(schema.encode(_example(rng, 4 if task == "flair2" else None)).SerializeToString())
+    full = schema.decode(record, spec, with_raw_metadata=True)
+    assert sorted(full) == sorted(schema.decoded_keys(spec, with_raw_metadata=True))
+    subsets = [["label", "aerial"], ["metadata_month"], ["transform", "metadata_centroid"]]
+    if task == "flair2":
+        subsets += [["sentinel_dates"], ["sentinel_masks", "elevation"], ["sentinel_length"]]
+    for keys in subsets:
+        some = schema.decode(record, spec, with_raw_metadata=True, keys=keys)
+        assert list(some) == keys
+        for k in keys:
+            np.testing.assert_array_equal(some[k].numpy(), full[k].numpy())
+    with pytest.raises(ValueError, match="metadata_date"):
+        schema.decode(record, spec, keys=["aerial", "metadata_date"])  # needs with_raw_metadata
+    if task == "flair1":
+        with pytest.raises(ValueError, match="sentinel_data"):
+            schema.decode(record, spec, keys=["sentinel_data"])
+
+
 def test_raw_metadata_fields_round_trip():
     ex = _example(np.random.default_rng(1))
     spec = schema.RecordSpec("flair1", P)
