@@ -32,6 +32,8 @@ setup(
         "tensorboard>=2.16",
         "h5py>=3.8",
         "pillow>=9.0",
+        # hardware CRC32C for writing TFRecords (TensorFlow's own is portable code)
+        "google-crc32c>=1.5",
     ],
     extras_require={
         "cpu": [f"tensorflow-cpu{TF_RANGE}"],

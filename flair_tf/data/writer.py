@@ -55,6 +55,70 @@ def _tf():
     return tf
 
 
+def _masked_crc(crc: int) -> int:
+    """TFRecord's masked CRC32C (``tsl::crc32c::Mask``)."""
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _crc32c_module():
+    """google_crc32c when its compiled (SSE4.2 / ARMv8 CRC) implementation loads, else None."""
+    try:
+        import google_crc32c  # pylint: disable=g-import-not-at-top
+    except ImportError:
+        return None
+    return google_crc32c if google_crc32c.implementation == "c" else None
+
+
+class RecordFile:
+    """Writes uncompressed TFRecord framing, byte for byte what ``tf.io.TFRecordWriter`` writes.
+
+    Each record is ``uint64 length, uint32 masked CRC32C(length), data, uint32
+    masked CRC32C(data)``, little-endian. The pip builds of TensorFlow compute
+    CRC32C in portable code (no SSE4.2 at build time): about 0.5 ms per 1.5 MB
+    FLAIR record, 5% of a conversion. Here the hardware instruction does it
+    (google-crc32c, about 0.1 ms), and the record goes to the file without
+    a copy into a C++ string. Local paths use a plain buffered file, other file
+    systems (``gs://``) ``tf.io.gfile``.
+    """
+
+    def __init__(self, path: str, crc32c):
+        self._crc = crc32c
+        if "://" in path:
+            self._file = _tf().io.gfile.GFile(path, "wb")
+        else:
+            self._file = open(path, "wb", buffering=1 << 20)  # pylint: disable=consider-using-with
+
+    def write(self, record: bytes | bytearray | memoryview) -> None:
+        # google_crc32c reads only `bytes` (0.1 ms to copy a 1.5 MB bytearray).
+        data = record if isinstance(record, bytes) else bytes(record)
+        header = len(data).to_bytes(8, "little")
+        w = self._file.write
+        w(header)
+        w(_masked_crc(self._crc.value(header)).to_bytes(4, "little"))
+        w(data)
+        w(_masked_crc(self._crc.value(data)).to_bytes(4, "little"))
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "RecordFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_records(path: str, compression: str | None):
+    """A record writer for `path`: `RecordFile` when uncompressed and google-crc32c's
+    compiled code is there, else ``tf.io.TFRecordWriter`` (GZIP; the same bytes
+    either way when uncompressed)."""
+    crc = None if compression else _crc32c_module()
+    if crc is not None:
+        return RecordFile(path, crc)
+    tf = _tf()
+    return tf.io.TFRecordWriter(path, tf.io.TFRecordOptions(compression_type=compression or ""))
+
+
 class Encoder(Protocol):
     """Turns work items into serialized records, keeping statistics."""
 
@@ -207,9 +271,8 @@ def _write_one(
     count, skipped = 0, []
     started = time.time()
     encoder.collect()  # drop statistics of an aborted previous shard
-    options = tf.io.TFRecordOptions(compression_type=compression or "")
     try:
-        with tf.io.TFRecordWriter(tmp, options) as out:
+        with open_records(tmp, compression) as out:
             for item in task.items:
                 if cancelled():
                     raise _Cancelled()

@@ -89,6 +89,28 @@ def test_write_read_back_sidecars_and_byte_identical(tmp_path, compression):
     assert not [n for n in os.listdir(a) if n.endswith(".incomplete")]
 
 
+def test_record_file_writes_tfrecord_writers_bytes(tmp_path):
+    pytest.importorskip("google_crc32c")
+    crc = writer._crc32c_module()
+    assert crc is not None, "google-crc32c without its compiled code: conversions get slower"
+    records = [b"", b"x", bytearray(b"\x00\xff" * 70_001), memoryview(b"tail" * 999)]
+    ours, theirs = str(tmp_path / "ours.tfrecord"), str(tmp_path / "tf.tfrecord")
+    with writer.open_records(ours, None) as out:
+        assert isinstance(out, writer.RecordFile)
+        for r in records:
+            out.write(r)
+    with tf.io.TFRecordWriter(theirs) as out:
+        for r in records:
+            out.write(bytes(r))
+    with open(ours, "rb") as a, open(theirs, "rb") as b:
+        assert a.read() == b.read()
+    back = [t.numpy() for t in tf.data.TFRecordDataset(ours)]
+    assert back == [bytes(r) for r in records]
+    # GZIP stays with TensorFlow's writer.
+    with writer.open_records(str(tmp_path / "z.tfrecord"), "GZIP") as z:
+        assert not isinstance(z, writer.RecordFile)
+
+
 def test_rerun_reuses_complete_shards_and_redoes_the_rest(tmp_path):
     tasks = _tasks(str(tmp_path))
     first = writer.write_shards(tasks, ToyFactory(), show_progress=False)
