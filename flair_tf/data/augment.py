@@ -22,8 +22,6 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import tensorflow as tf
 
-FLIP_PROBABILITY = 0.5
-ROTATE_PROBABILITY = 0.5
 
 
 class Transform(NamedTuple):
@@ -34,24 +32,38 @@ class Transform(NamedTuple):
     k: tf.Tensor      # int32 in 0..3: counter-clockwise quarter turns (np.rot90)
 
 
+def _mix64(z: tf.Tensor) -> tf.Tensor:
+    """SplitMix64's finaliser: a bijection of uint64 whose every output bit depends on every input bit."""
+    u = lambda v: tf.constant(v, tf.uint64)  # noqa: E731
+    z = (z ^ tf.bitwise.right_shift(z, u(30))) * u(0xBF58476D1CE4E5B9)
+    z = (z ^ tf.bitwise.right_shift(z, u(27))) * u(0x94D049BB133111EB)
+    return z ^ tf.bitwise.right_shift(z, u(31))
+
+
 def sample_transform(seed: tf.Tensor) -> Transform:
     """Draws one transform from a stateless seed.
+
+    The draw is integer arithmetic (SplitMix64 over both seed words; five bits of
+    the hash make the four choices), so it gives the same transform eagerly, in
+    a graph and inside an XLA-compiled function (stateless random ops do not),
+    and it compiles into the XLA parser instead of costing a dozen kernel
+    launches per example.
 
     Args:
       seed: int32/int64 tensor of shape [2].
 
     Returns:
-      A `Transform` with the reference probabilities.
+      A `Transform` with the reference probabilities (each bit is a fair coin:
+      P(flip) = 1/2 each, P(rotate) = 1/2, k uniform in 0..3).
     """
-    # One random op for the four draws (flip, flip, rotate?, k): a quarter of the
-    # kernels a split seed per draw would take, in the per-example parser.
-    u = tf.random.stateless_uniform([4], seed=tf.cast(seed, tf.int64))
-    k = tf.minimum(tf.cast(u[3] * 4.0, tf.int32), 3)
-    return Transform(
-        vflip=u[0] < FLIP_PROBABILITY,
-        hflip=u[1] < FLIP_PROBABILITY,
-        k=tf.where(u[2] < ROTATE_PROBABILITY, k, 0),
-    )
+    seed = tf.cast(tf.cast(seed, tf.int64), tf.uint64)
+    golden = tf.constant(0x9E3779B97F4A7C15, tf.uint64)
+    bits = _mix64(_mix64(seed[0] * golden + tf.constant(1, tf.uint64)) ^ seed[1])
+    bit = lambda i: tf.bitwise.bitwise_and(  # noqa: E731
+        tf.bitwise.right_shift(bits, tf.constant(i, tf.uint64)), tf.constant(1, tf.uint64)) == 1
+    k = tf.cast(tf.bitwise.right_shift(bits, tf.constant(3, tf.uint64)) & tf.constant(3, tf.uint64),
+                tf.int32)
+    return Transform(vflip=bit(0), hflip=bit(1), k=tf.where(bit(2), k, 0))
 
 
 def _d4_table() -> list[list[list[int]]]:

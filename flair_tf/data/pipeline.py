@@ -323,17 +323,25 @@ def _bands(aerial: tf.Tensor, elevation: tf.Tensor, channels: Sequence[int]) -> 
 
 
 def make_aerial_fn(channels: Sequence[int], num_classes: int, augment: bool, jit_compile: bool,
-                   with_unaugmented: bool = True):
-    """The aerial half of the parser, ``fn(aerial, elevation, codes, vflip, hflip, k)``.
+                   with_unaugmented: bool = True, seed: int = 0, stream_id: int = 0,
+                   stream_stride: int = 1):
+    """The aerial half of the parser, ``fn(aerial, elevation, codes, index)``.
 
-    Returns ``(image uint8 [P,P,C], label uint8 [P,P], unaugmented label uint8)``;
-    the last is None without `with_unaugmented` (FLAIR #1 has no use for it).
-    Labels stay uint8, like the image: the losses and metrics cast them, and
-    int32 would write, batch and send to the device 4x the bytes.
-    With `jit_compile` the function is XLA-compiled (one fused pass instead of a
-    dozen kernels: about 2x less CPU at 512 px); otherwise, on little-endian
-    hosts, image and label are packed into one 64-bit word per pixel before the
-    flips and rotation. The three variants give identical results (tested).
+    With `augment`, example `index` of input pipeline `stream_id` (of
+    `stream_stride`) draws its transform from the seed ``(seed, index *
+    stream_stride + stream_id)`` (`augment.sample_transform`). Returns
+    ``(image uint8 [P,P,C], label uint8 [P,P], unaugmented label uint8 or None,
+    transform or None)``: no un-augmented label without `with_unaugmented`
+    (FLAIR #1 has no use for it), no transform without `augment`. Labels stay
+    uint8, like the image: the losses and metrics cast them, and int32 would
+    write, batch and send to the device 4x the bytes.
+
+    With `jit_compile` the band interleave, class remap and pixel move run as
+    one XLA program (about 2x less CPU at 512 px than a dozen kernels);
+    otherwise, on little-endian hosts, image and label are packed into one
+    64-bit word per pixel before the flips and rotation. The three variants give
+    identical results (tested). The draw stays outside XLA: computed inside
+    the program, XLA:CPU fuses the hash into the per-pixel loops (100x slower).
     """
     channels = list(channels)
 
@@ -360,9 +368,18 @@ def make_aerial_fn(channels: Sequence[int], num_classes: int, augment: bool, jit
         fn = packed
     else:
         fn = direct
-    if with_unaugmented:
-        return fn
-    return lambda *args: (*fn(*args), None)
+    no_transform = augment_lib.Transform(tf.constant(False), tf.constant(False), tf.constant(0))
+
+    def aerial_fn(aerial, elevation, codes, index):
+        transform = None
+        if augment:
+            index = tf.cast(index, tf.int64)
+            transform = augment_lib.sample_transform(tf.stack(
+                [tf.constant(seed, tf.int64), index * stream_stride + stream_id]))
+        out = fn(aerial, elevation, codes, *(transform or no_transform))
+        return out[0], out[1], out[2] if with_unaugmented else None, transform
+
+    return aerial_fn
 
 
 def resolve_files(file_pattern: str | Sequence[str], task: str, split: str) -> list[str]:
@@ -415,12 +432,10 @@ class _Parser:
     """decoded record -> (features, labels), one example, pure TF."""
 
     def __init__(self, config: PipelineConfig, spec: schema.RecordSpec, training: bool,
-                 stream_id: tf.Tensor, stream_stride: int, with_eval_keys: bool):
+                 stream_id: int, stream_stride: int, with_eval_keys: bool):
         self.config = config
         self.spec = spec
         self.augment = training and config.augment
-        self.stream_id = stream_id
-        self.stream_stride = stream_stride
         self.with_eval_keys = with_eval_keys
         self.channels = channel_indices(config.channels)
         keys = ["aerial", "elevation", "label"]
@@ -434,7 +449,9 @@ class _Parser:
                 raise ValueError(f"keep_keys: {key!r} is not a decoded key; choose from {sorted(available)}")
         self.keys = list(dict.fromkeys(keys + list(config.keep_keys)))
         self.aerial_fn = make_aerial_fn(self.channels, config.num_classes, self.augment,
-                                        config.jit_compile, with_unaugmented=spec.task == "flair2")
+                                        config.jit_compile, with_unaugmented=spec.task == "flair2",
+                                        seed=config.seed, stream_id=stream_id,
+                                        stream_stride=stream_stride)
         if spec.task == "flair2":
             if config.sentinel_size > spec.sentinel_size:
                 raise ValueError(
@@ -448,15 +465,8 @@ class _Parser:
     def __call__(self, serialized: tf.Tensor, index: tf.Tensor):
         cfg = self.config
         ex = schema.decode(serialized, self.spec, keys=self.keys)
-        transform = None
-        if self.augment:
-            seed = tf.stack([tf.cast(cfg.seed, tf.int64),
-                             index * self.stream_stride + tf.cast(self.stream_id, tf.int64)])
-            transform = augment_lib.sample_transform(seed)
-            draw = tuple(transform)
-        else:
-            draw = (tf.constant(False), tf.constant(False), tf.constant(0))
-        image, label, unaugmented = self.aerial_fn(ex["aerial"], ex["elevation"], ex["label"], *draw)
+        image, label, unaugmented, transform = self.aerial_fn(
+            ex["aerial"], ex["elevation"], ex["label"], index)
         features = {"aerial": image}
         labels = {"aerial": label}
         if cfg.use_metadata:

@@ -101,8 +101,14 @@ def cloud_cover(masks: tf.Tensor, proba_threshold: int = 60) -> tf.Tensor:
     Returns:
       float32 [T]: ``(count(snow >= p) + count(cloud >= p)) / (S * S)``, so up to 2.
     """
-    covered = tf.cast(tf.cast(masks, tf.int32) >= proba_threshold, tf.int32)
-    counts = tf.reduce_sum(covered, axis=[1, 2, 3])
+    # Compared in the masks' own dtype (no int32 copy); thresholds outside it are
+    # decided without looking.
+    masks = tf.convert_to_tensor(masks)
+    if proba_threshold > masks.dtype.max:
+        counts = tf.zeros([tf.shape(masks)[0]], tf.int64)
+    else:
+        counts = tf.math.count_nonzero(
+            masks >= tf.constant(max(int(proba_threshold), 0), masks.dtype), axis=[1, 2, 3])
     area = tf.shape(masks)[1] * tf.shape(masks)[2]
     # float64 division like the reference's Python `/=`, so the `< threshold`
     # comparison is decided on the same number.
@@ -160,19 +166,20 @@ def monthly_average(data: tf.Tensor, dates: tf.Tensor, keep: tf.Tensor,
     # [12, T] month membership; a dropped frame (index 12) has an all-zero column.
     member = tf.one_hot(tf.where(keep, month - 1, NUM_MONTHS), NUM_MONTHS, axis=0,
                         dtype=tf.float32)
+    counts = tf.reduce_sum(member, axis=1)
+    present = counts > 0
+    # Present months first, each group in calendar order. Reordering the tiny
+    # [12, T] membership matrix, rather than the [12, S, S, C] frames, makes the
+    # product land in output order (an absent month is a zero row): the frames are
+    # written by the product and the division only.
+    month_index = tf.range(NUM_MONTHS)
+    order = tf.argsort(tf.where(present, month_index, month_index + NUM_MONTHS), stable=True)
+    member, counts, present = (tf.gather(v, order) for v in (member, counts, present))
     # Sums as a product with a 0/1 matrix: exact (integer sums stay below 2**24),
     # and about twice as fast as a segment sum on CPU.
     flat = tf.reshape(tf.cast(data, tf.float32), [tf.shape(data)[0], -1])
-    sums = tf.reshape(tf.matmul(member, flat), tf.concat([[NUM_MONTHS], tf.shape(data)[1:]], 0))
-    counts = tf.reduce_sum(member, axis=1)
-    present = counts > 0
-    means = sums / tf.reshape(tf.maximum(counts, 1.0), [NUM_MONTHS, 1, 1, 1])
-    # Present months first, each group in calendar order.
-    month_index = tf.range(NUM_MONTHS)
-    order = tf.argsort(tf.where(present, month_index, month_index + NUM_MONTHS), stable=True)
-    present = tf.gather(present, order)
-    frames = tf.gather(means, order) * tf.reshape(tf.cast(present, tf.float32),
-                                                  [NUM_MONTHS, 1, 1, 1])
+    means = tf.matmul(member, flat) / tf.maximum(counts, 1.0)[:, None]
+    frames = tf.reshape(means, tf.concat([[NUM_MONTHS], tf.shape(data)[1:]], 0))
     date_values = tf.gather(monthly_date_values(ref_month, ref_day), order)
     date_values = tf.where(present, date_values, 0.0)
     return frames, date_values, tf.logical_not(present)

@@ -66,6 +66,17 @@ def test_same_seed_same_transform():
     assert [x.numpy() for x in a] == [x.numpy() for x in b]
 
 
+def test_draw_is_the_same_eagerly_in_a_graph_and_under_xla():
+    seeds = tf.stack([tf.fill([300], 2022), tf.range(300)], axis=1)
+    eager = [tuple(int(x) for x in augment.sample_transform(s)) for s in seeds]
+    xla = tf.function(lambda s: tf.stack([tf.cast(x, tf.int32) for x in augment.sample_transform(s)]),
+                      jit_compile=True)
+    graph = tf.data.Dataset.from_tensor_slices(seeds).map(augment.sample_transform)
+    assert [tuple(xla(s).numpy()) for s in seeds] == eager
+    assert [tuple(int(x) for x in t) for t in graph] == eager
+    assert len(set(eager)) == 16  # every (vflip, hflip, k) combination shows up
+
+
 def test_probabilities_match_the_reference():
     n = 4000
     seeds = tf.stack([tf.fill([n], 2022), tf.range(n)], axis=1)

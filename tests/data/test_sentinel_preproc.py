@@ -170,6 +170,16 @@ def test_cloud_filter_thresholds_and_double_counting():
     np.testing.assert_array_equal(keep, [False, False, True, True])
 
 
+@pytest.mark.parametrize("threshold", [-5, 0, 1, 60, 100, 101, 255, 300])
+def test_cloud_cover_any_threshold_equals_numpy(threshold):
+    masks = np.random.default_rng(3).integers(0, 256, (4, 6, 6, 2), dtype=np.uint8)
+    want = [(np.count_nonzero(m[..., 0] >= threshold) + np.count_nonzero(m[..., 1] >= threshold)) / 36
+            for m in masks.astype(int)]
+    for dtype in (np.uint8, np.int32):
+        got = sentinel.cloud_cover(tf.constant(masks.astype(dtype)), threshold).numpy()
+        np.testing.assert_array_equal(got, np.asarray(want, np.float32))
+
+
 def test_monthly_average_matches_reference():
     data, masks, dates = make_series(YEAR, COVERS)
     frames, enc, pad = assert_matches_oracle(data, masks, dates)
