@@ -59,7 +59,7 @@ def _make_tree(root: str, task: str, n: int, patch_size: int):
     # 2 train-only domains x 2 zones: 4 zones of n patches (4N in all); 20..40 dates.
     synthetic.make_tree(root, task=task, num_domains=2, num_val_domains=0, num_test_domains=0,
                         zones_per_domain=2, patches_per_zone=n, patch_size=patch_size,
-                        num_dates=(20, 40), show_progress=False)
+                        num_dates=(20, 40), show_progress=False, overwrite=True)  # --workdir is scratch
 
 
 def _write_csv(path: str, patches) -> None:

@@ -23,7 +23,6 @@ import numpy as np
 import tensorflow as tf
 
 
-
 class Transform(NamedTuple):
     """One draw of the augmentation: scalar tensors."""
 
@@ -45,9 +44,8 @@ def sample_transform(seed: tf.Tensor) -> Transform:
 
     The draw is integer arithmetic (SplitMix64 over both seed words; five bits of
     the hash make the four choices), so it gives the same transform eagerly, in
-    a graph and inside an XLA-compiled function (stateless random ops do not),
-    and it compiles into the XLA parser instead of costing a dozen kernel
-    launches per example.
+    a graph, under XLA and on any TensorFlow version, which stateless random
+    ops do not promise.
 
     Args:
       seed: int32/int64 tensor of shape [2].

@@ -438,11 +438,14 @@ class _Parser:
         self.augment = training and config.augment
         self.with_eval_keys = with_eval_keys
         self.channels = channel_indices(config.channels)
+        # Only the record features used are parsed.
         keys = ["aerial", "elevation", "label"]
-        keys += ["metadata"] + (["metadata_month"] if config.fix_month_quirk else []) \
-            if config.use_metadata else []
-        keys += ["sentinel_data", "sentinel_masks", "sentinel_dates"] if spec.task == "flair2" else []
-        keys += ["patch_id"] if with_eval_keys else []
+        if config.use_metadata:
+            keys += ["metadata", "metadata_month"] if config.fix_month_quirk else ["metadata"]
+        if spec.task == "flair2":
+            keys += ["sentinel_data", "sentinel_masks", "sentinel_dates"]
+        if with_eval_keys:
+            keys.append("patch_id")
         available = schema.decoded_keys(spec)
         for key in config.keep_keys:
             if key not in available:
