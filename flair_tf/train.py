@@ -197,10 +197,12 @@ def _optimizer(cfg, steps_per_epoch: int | None):
         if not steps_per_epoch:
             raise ValueError("--lr_schedule=cosine needs a known epoch length: set --steps_per_epoch.")
         lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=cfg["epochs"] * steps_per_epoch)
+    from flair_tf.training import optimizers  # Keras's SGD / Adam with fused variable updates
+
     if cfg["optimizer"] == "sgd":
-        return keras.optimizers.SGD(learning_rate=lr, momentum=cfg["momentum"])
+        return optimizers.SGD(learning_rate=lr, momentum=cfg["momentum"])
     if cfg["optimizer"] == "adam":
-        return keras.optimizers.Adam(learning_rate=lr)
+        return optimizers.Adam(learning_rate=lr)
     return keras.optimizers.AdamW(learning_rate=lr, weight_decay=cfg["weight_decay"])
 
 

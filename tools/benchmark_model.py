@@ -73,6 +73,7 @@ def _keras_worker(spec):
     import numpy as np  # noqa: PLC0415
 
     from flair_tf.models import build_model  # noqa: PLC0415
+    from flair_tf.training import optimizers  # noqa: PLC0415
 
     keras.mixed_precision.set_global_policy(spec.get("policy", "float32"))
     size, arch = spec["size"], spec["arch"]
@@ -81,7 +82,8 @@ def _keras_worker(spec):
         config["num_dates"] = spec["num_dates"]
     model = build_model(config)
     losses = {k: keras.losses.SparseCategoricalCrossentropy(from_logits=True) for k in model.output}
-    model.compile(optimizer=keras.optimizers.SGD(0.01), loss=losses, jit_compile=spec["jit"])
+    # The SGD `flair_tf.train` uses (Keras's, with fused updates), as torch.optim.SGD below.
+    model.compile(optimizer=optimizers.SGD(0.01), loss=losses, jit_compile=spec["jit"])
     rng = np.random.RandomState(0)
 
     def batch(b):
