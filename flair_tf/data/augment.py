@@ -48,15 +48,17 @@ def sample_transform(seed: tf.Tensor) -> Transform:
     ops do not promise.
 
     Args:
-      seed: int32/int64 tensor of shape [2].
+      seed: int32/int64 tensor of shape [2], or [N, 2] for N draws at once
+        (the same draws as one at a time, at the cost of one).
 
     Returns:
       A `Transform` with the reference probabilities (each bit is a fair coin:
-      P(flip) = 1/2 each, P(rotate) = 1/2, k uniform in 0..3).
+      P(flip) = 1/2 each, P(rotate) = 1/2, k uniform in 0..3); its tensors have
+      shape [N] for [N, 2] seeds.
     """
     seed = tf.cast(tf.cast(seed, tf.int64), tf.uint64)
     golden = tf.constant(0x9E3779B97F4A7C15, tf.uint64)
-    bits = _mix64(_mix64(seed[0] * golden + tf.constant(1, tf.uint64)) ^ seed[1])
+    bits = _mix64(_mix64(seed[..., 0] * golden + tf.constant(1, tf.uint64)) ^ seed[..., 1])
     bit = lambda i: tf.bitwise.bitwise_and(  # noqa: E731
         tf.bitwise.right_shift(bits, tf.constant(i, tf.uint64)), tf.constant(1, tf.uint64)) == 1
     k = tf.cast(tf.bitwise.right_shift(bits, tf.constant(3, tf.uint64)) & tf.constant(3, tf.uint64),

@@ -323,25 +323,21 @@ def _bands(aerial: tf.Tensor, elevation: tf.Tensor, channels: Sequence[int]) -> 
 
 
 def make_aerial_fn(channels: Sequence[int], num_classes: int, augment: bool, jit_compile: bool,
-                   with_unaugmented: bool = True, seed: int = 0, stream_id: int = 0,
-                   stream_stride: int = 1):
-    """The aerial half of the parser, ``fn(aerial, elevation, codes, index)``.
+                   with_unaugmented: bool = True):
+    """The aerial half of the parser, ``fn(aerial, elevation, codes, transform)``.
 
-    With `augment`, example `index` of input pipeline `stream_id` (of
-    `stream_stride`) draws its transform from the seed ``(seed, index *
-    stream_stride + stream_id)`` (`augment.sample_transform`). Returns
-    ``(image uint8 [P,P,C], label uint8 [P,P], unaugmented label uint8 or None,
-    transform or None)``: no un-augmented label without `with_unaugmented`
-    (FLAIR #1 has no use for it), no transform without `augment`. Labels stay
-    uint8, like the image: the losses and metrics cast them, and int32 would
-    write, batch and send to the device 4x the bytes.
+    `transform` is the example's drawn `augment.Transform` (ignored without
+    `augment`). Returns ``(image uint8 [P,P,C], label uint8 [P,P], unaugmented
+    label uint8 or None)``: no un-augmented label without `with_unaugmented`
+    (FLAIR #1 has no use for it). Labels stay uint8, like the image: the losses
+    and metrics cast them, and int32 would write, batch and send to the device
+    4x the bytes.
 
     With `jit_compile` the band interleave, class remap and pixel move run as
     one XLA program (about 2x less CPU at 512 px than a dozen kernels);
     otherwise, on little-endian hosts, image and label are packed into one
     64-bit word per pixel before the flips and rotation. The three variants give
-    identical results (tested). The draw stays outside XLA: computed inside
-    the program, XLA:CPU fuses the hash into the per-pixel loops (100x slower).
+    identical results (tested).
     """
     channels = list(channels)
 
@@ -370,16 +366,28 @@ def make_aerial_fn(channels: Sequence[int], num_classes: int, augment: bool, jit
         fn = direct
     no_transform = augment_lib.Transform(tf.constant(False), tf.constant(False), tf.constant(0))
 
-    def aerial_fn(aerial, elevation, codes, index):
-        transform = None
-        if augment:
-            index = tf.cast(index, tf.int64)
-            transform = augment_lib.sample_transform(tf.stack(
-                [tf.constant(seed, tf.int64), index * stream_stride + stream_id]))
-        out = fn(aerial, elevation, codes, *(transform or no_transform))
-        return out[0], out[1], out[2] if with_unaugmented else None, transform
+    def aerial_fn(aerial, elevation, codes, transform):
+        out = fn(aerial, elevation, codes, *(transform if augment else no_transform))
+        return out[0], out[1], out[2] if with_unaugmented else None
 
     return aerial_fn
+
+
+def augmentation_draws(seed: int, stream_id: int, stream_stride: int,
+                       chunk: int = 1024) -> tf.data.Dataset:
+    """The transform of every example of input pipeline `stream_id` (of `stream_stride`), in order.
+
+    Example *n* draws from the seed ``(seed, n * stream_stride + stream_id)``
+    (`augment.sample_transform`). The hash runs on chunks of `chunk` counters
+    (about 30 integer kernels per chunk instead of per example), then the
+    draws are unbatched.
+    """
+    def draw(n):
+        seeds = tf.stack([tf.fill(tf.shape(n), tf.constant(seed, tf.int64)),
+                          n * stream_stride + stream_id], axis=1)
+        return tuple(augment_lib.sample_transform(seeds))
+
+    return tf.data.Dataset.counter().batch(chunk).map(draw).unbatch()
 
 
 def resolve_files(file_pattern: str | Sequence[str], task: str, split: str) -> list[str]:
@@ -432,7 +440,7 @@ class _Parser:
     """decoded record -> (features, labels), one example, pure TF."""
 
     def __init__(self, config: PipelineConfig, spec: schema.RecordSpec, training: bool,
-                 stream_id: int, stream_stride: int, with_eval_keys: bool):
+                 with_eval_keys: bool):
         self.config = config
         self.spec = spec
         self.augment = training and config.augment
@@ -452,9 +460,7 @@ class _Parser:
                 raise ValueError(f"keep_keys: {key!r} is not a decoded key; choose from {sorted(available)}")
         self.keys = list(dict.fromkeys(keys + list(config.keep_keys)))
         self.aerial_fn = make_aerial_fn(self.channels, config.num_classes, self.augment,
-                                        config.jit_compile, with_unaugmented=spec.task == "flair2",
-                                        seed=config.seed, stream_id=stream_id,
-                                        stream_stride=stream_stride)
+                                        config.jit_compile, with_unaugmented=spec.task == "flair2")
         if spec.task == "flair2":
             if config.sentinel_size > spec.sentinel_size:
                 raise ValueError(
@@ -465,11 +471,12 @@ class _Parser:
                     f"sentinel_size={config.sentinel_size} and the stored crop "
                     f"{spec.sentinel_size} must have the same parity to crop around the centroid")
 
-    def __call__(self, serialized: tf.Tensor, index: tf.Tensor):
+    def __call__(self, serialized: tf.Tensor, draw):
+        """One record and its `augmentation_draws` element (an unused counter without augmentation)."""
         cfg = self.config
         ex = schema.decode(serialized, self.spec, keys=self.keys)
-        image, label, unaugmented, transform = self.aerial_fn(
-            ex["aerial"], ex["elevation"], ex["label"], index)
+        transform = augment_lib.Transform(*draw) if self.augment else None
+        image, label, unaugmented = self.aerial_fn(ex["aerial"], ex["elevation"], ex["label"], transform)
         features = {"aerial": image}
         labels = {"aerial": label}
         if cfg.use_metadata:
@@ -601,9 +608,10 @@ def make_dataset(file_pattern: str | Sequence[str], split: str, config: Pipeline
         # every epoch draws a new file order and a new example order.
         ds = ds.repeat()
     # A per-example counter seeds the augmentation: same seed, same draws.
-    ds = tf.data.Dataset.zip((ds, tf.data.Dataset.counter()))
-    parser = _Parser(config, spec, training, stream_id=pipeline_id,
-                     stream_stride=num_pipelines, with_eval_keys=pad_final_batch)
+    parser = _Parser(config, spec, training, with_eval_keys=pad_final_batch)
+    draws = (augmentation_draws(config.seed, pipeline_id, num_pipelines) if parser.augment
+             else tf.data.Dataset.counter())
+    ds = tf.data.Dataset.zip((ds, draws))
     ds = ds.map(parser, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
 
     if pad_final_batch:

@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from flair_tf import nomenclature
+from flair_tf.data import augment as augment_lib
 from flair_tf.data import metadata as metadata_lib
 from flair_tf.data import pipeline as pl
 from flair_tf.data import schema
@@ -451,6 +452,14 @@ def test_on_converted_synthetic_records(flair2_records):
 
 
 # ------------------------------------------------------------------------------ building blocks
+
+
+@pytest.mark.parametrize("stream_id, stride", [(0, 1), (1, 3)])
+def test_augmentation_draws_are_the_per_example_draws(stream_id, stride):
+    draws = list(pl.augmentation_draws(7, stream_id, stride, chunk=5).take(12))
+    for n, draw in enumerate(draws):
+        want = augment_lib.sample_transform(tf.constant([7, n * stride + stream_id], tf.int64))
+        assert tuple(int(x) for x in draw) == tuple(int(x) for x in want), n
 
 
 @pytest.mark.parametrize("num_classes", [13, 19])
