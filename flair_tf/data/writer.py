@@ -76,9 +76,9 @@ class RecordFile:
     masked CRC32C(data)``, little-endian. The pip builds of TensorFlow compute
     CRC32C in portable code (no SSE4.2 at build time): about 0.5 ms per 1.5 MB
     FLAIR record, 5% of a conversion. Here the hardware instruction does it
-    (google-crc32c, about 0.1 ms), and the record goes to the file without
-    a copy into a C++ string. Local paths use a plain buffered file, other file
-    systems (``gs://``) ``tf.io.gfile``.
+    (google-crc32c: 0.05 ms, plus 0.05 ms to copy a `bytearray` record into the
+    `bytes` it reads). Local paths use a plain buffered file, other file systems
+    (``gs://``) ``tf.io.gfile``.
     """
 
     def __init__(self, path: str, crc32c):
