@@ -296,7 +296,7 @@ class PatchEncoder:
                 f"{image_name}: no record {p.name!r} in the metadata JSON {item.metadata_json}; "
                 f"expected one per patch [{p.image}]"
             )
-        missing = [k for k in metadata_lib.REQUIRED_KEYS if k not in item.metadata]
+        missing = metadata_lib.missing_keys(item.metadata)
         if missing:
             raise FlairDataError(
                 f"{image_name}: its record in the metadata JSON {item.metadata_json} lacks {missing}; "

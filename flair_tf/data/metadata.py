@@ -69,6 +69,11 @@ def parse_time(time: str) -> tuple[int, int]:
     return hours, minutes
 
 
+def missing_keys(meta: Mapping[str, Any]) -> list[str]:
+    """The `REQUIRED_KEYS` a metadata record lacks, in their order."""
+    return [k for k in REQUIRED_KEYS if k not in meta]
+
+
 def encode_metadata(meta: Mapping[str, Any], fix_month_quirk: bool = False) -> np.ndarray:
     """Encodes one patch's metadata record into the reference 45-value vector.
 
@@ -83,7 +88,7 @@ def encode_metadata(meta: Mapping[str, Any], fix_month_quirk: bool = False) -> n
     Raises:
       KeyError / ValueError: on a missing key or an unparsable value.
     """
-    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    missing = missing_keys(meta)
     if missing:
         raise KeyError(f"metadata record lacks {missing}; expected keys {list(REQUIRED_KEYS)}")
     coords = encode_coordinates(float(meta["patch_centroid_x"]), float(meta["patch_centroid_y"]))

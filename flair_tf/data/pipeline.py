@@ -471,8 +471,8 @@ class _Parser:
                     f"sentinel_size={config.sentinel_size} and the stored crop "
                     f"{spec.sentinel_size} must have the same parity to crop around the centroid")
 
-    def __call__(self, serialized: tf.Tensor, draw):
-        """One record and its `augmentation_draws` element (an unused counter without augmentation)."""
+    def __call__(self, serialized: tf.Tensor, draw=None):
+        """One record, and with augmentation its `augmentation_draws` element."""
         cfg = self.config
         ex = schema.decode(serialized, self.spec, keys=self.keys)
         transform = augment_lib.Transform(*draw) if self.augment else None
@@ -607,11 +607,10 @@ def make_dataset(file_pattern: str | Sequence[str], split: str, config: Pipeline
         # Shuffle, then repeat: each epoch is seen whole before the next starts, and
         # every epoch draws a new file order and a new example order.
         ds = ds.repeat()
-    # A per-example counter seeds the augmentation: same seed, same draws.
     parser = _Parser(config, spec, training, with_eval_keys=pad_final_batch)
-    draws = (augmentation_draws(config.seed, pipeline_id, num_pipelines) if parser.augment
-             else tf.data.Dataset.counter())
-    ds = tf.data.Dataset.zip((ds, draws))
+    if parser.augment:
+        # Each example's draw is seeded by its position in the stream: same seed, same draws.
+        ds = tf.data.Dataset.zip((ds, augmentation_draws(config.seed, pipeline_id, num_pipelines)))
     ds = ds.map(parser, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
 
     if pad_final_batch:

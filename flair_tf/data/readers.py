@@ -238,7 +238,7 @@ def read_metadata_json(path: str, strict: bool = True) -> dict[str, dict]:
                 raise FlairDataError(message)
             logging.warning("%s; ignored", message)
             continue
-        missing = [k for k in metadata_lib.REQUIRED_KEYS if k not in record]
+        missing = metadata_lib.missing_keys(record)
         if missing and strict:
             raise FlairDataError(
                 f"{_base(path)}: record {key} lacks {missing}; expected keys "
