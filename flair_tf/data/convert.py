@@ -86,7 +86,8 @@ class ConvertOptions:
 
     def spec(self) -> schema.RecordSpec:
         return schema.RecordSpec(
-            self.task, self.patch_size, self.sentinel_size if self.task == "flair2" else None
+            self.task, self.patch_size, self.sentinel_size if self.task == "flair2" else None,
+            byte_layout="aligned64",  # what `schema.serialize` writes
         )
 
 
@@ -455,6 +456,7 @@ def _base_info(options: ConvertOptions) -> dict:
         "task": spec.task,
         "patch_size": spec.patch_size,
         "sentinel_size": spec.sentinel_size,
+        "byte_layout": spec.byte_layout,
         "compression": options.compression,
         "features": spec.features(),
         "band_order": bands,
@@ -475,6 +477,14 @@ def _load_existing_info(options: ConvertOptions, base: dict) -> dict:
                 f"{path} describes records with {key}={old.get(key)!r}, this conversion writes "
                 f"{key}={base[key]!r}; use another --output_dir or delete the old records"
             )
+    # One byte layout per dataset_info.json: splits kept from an older conversion must match.
+    kept = sorted(set(old.get("splits", {})) - set(options.splits))
+    if kept and old.get("byte_layout", "protobuf") != base["byte_layout"]:
+        raise ValueError(
+            f"{path}: split(s) {kept} were converted by an older version with byte_layout="
+            f"{old.get('byte_layout', 'protobuf')!r}, this conversion writes {base['byte_layout']!r}; "
+            f"convert those splits again too (--splits={','.join(sorted(set(kept) | set(options.splits)))})"
+        )
     return old
 
 

@@ -27,6 +27,18 @@ key                         kind     dtype/shape  content
 ``sentinel/length``         int64    []           FLAIR #2: T
 ==========================  =======  ===========  ==================================
 
+Byte layout (``byte_layout`` in dataset_info.json). Every record is a valid
+``tf.train.Example``, readable by any protobuf parser. `serialize` writes the
+"aligned64" layout: the five large arrays come first, in the order aerial,
+elevation, label, sentinel/data, sentinel/masks, each payload starting at a
+multiple of 64 bytes from the record's first byte (bytes features ``_pad0``..
+``_pad4``, which decoding ignores, fill the gaps), then the other features
+sorted by key. `decode` of such records copies the record once
+(``decode_raw``) and takes every array as an aligned slice of that copy,
+without copying it again: half the memory traffic of parsing each array out
+first. Records of the "protobuf" layout (any other writer, e.g.
+``tf.train.Example.SerializeToString``) are parsed feature by feature.
+
 Bump `SCHEMA_VERSION` on any change of keys, shapes or byte layout.
 """
 
@@ -35,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import posixpath
+import sys
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -49,6 +62,14 @@ ELEVATION_BANDS = ("E",)
 SENTINEL_BANDS = ("B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12")
 SENTINEL_MASK_BANDS = ("snow", "cloud")
 DATASET_INFO_NAME = "dataset_info.json"
+# Byte layouts of the records (module docstring): "protobuf" (features in any
+# order, decoded by parsing) and "aligned64" (written by `serialize`).
+BYTE_LAYOUTS = ("protobuf", "aligned64")
+ALIGNMENT = 64  # bytes: TensorFlow's tensor alignment, under which a slice shares its buffer
+# The record features laid out first in "aligned64", in this order.
+_SLOTS = ("aerial", "elevation", "label", "sentinel/data", "sentinel/masks")
+# The aligned fast path views the raw bytes as little-endian numbers.
+_LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,11 +80,15 @@ class RecordSpec:
       task: "flair1" or "flair2".
       patch_size: P, the aerial patch side (512 for the released data).
       sentinel_size: S, the Sentinel-2 crop side (FLAIR #2), None for FLAIR #1.
+      byte_layout: "aligned64" for records written by `serialize` (the
+        converter's), "protobuf" for any `tf.train.Example` with these
+        features (always safe; slower to decode).
     """
 
     task: str
     patch_size: int
     sentinel_size: int | None = None
+    byte_layout: str = "protobuf"
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -77,6 +102,8 @@ class RecordSpec:
                 f"flair1 records have no Sentinel crop; sentinel_size must be None. "
                 f"Received: {self.sentinel_size}"
             )
+        if self.byte_layout not in BYTE_LAYOUTS:
+            raise ValueError(f"byte_layout must be one of {BYTE_LAYOUTS}. Received: {self.byte_layout!r}")
 
     @classmethod
     def from_info(cls, info: Mapping[str, Any]) -> "RecordSpec":
@@ -91,6 +118,8 @@ class RecordSpec:
             task=info["task"],
             patch_size=int(info["patch_size"]),
             sentinel_size=None if info.get("sentinel_size") is None else int(info["sentinel_size"]),
+            # Records converted before the aligned layout existed carry no byte_layout.
+            byte_layout=info.get("byte_layout", "protobuf"),
         )
 
     def features(self) -> dict[str, dict[str, Any]]:
@@ -124,7 +153,7 @@ class RecordSpec:
 # --------------------------------------------------------------------------- encode
 #
 # Records are serialized by hand in the protobuf wire format of `tf.train.Example`
-# (features sorted by key, as protobuf's deterministic mode does): building a
+# (in the "aligned64" order of the module docstring): building a
 # `tf.train.Example` from Python copies every megabyte-sized feature several times,
 # which cost more than reading the GeoTIFF. `encode` parses these bytes back into a
 # `tf.train.Example`; a test checks both agree with protobuf's own serializer.
@@ -207,21 +236,62 @@ def _fields(example: Mapping[str, Any]) -> dict[str, tuple[int, Any]]:
     return fields
 
 
+def _entry_head(key: str, kind: int, n: int) -> bytes:
+    """Wire bytes of one ``Features.feature`` map entry up to its payload of `n` bytes."""
+    inner = b"\x0a" + _varint(n)  # BytesList.value / packed FloatList or Int64List.value
+    feature = bytes([kind]) + _varint(len(inner) + n)
+    k = key.encode()
+    entry = b"\x0a" + _varint(len(k)) + k + b"\x12" + _varint(len(feature) + len(inner) + n)
+    return b"\x0a" + _varint(len(entry) + len(feature) + len(inner) + n) + entry + feature + inner
+
+
+def _padding(index: int, size: int) -> bytes:
+    """A whole map entry ``_pad<index>`` (bytes feature of zeros) of exactly `size` wire bytes."""
+    key = f"_pad{index}"
+    for n in range(max(0, size - 32), size):
+        head = _entry_head(key, _BYTES, n)
+        if len(head) + n == size:
+            return head + bytes(n)
+    raise AssertionError(f"no padding entry of {size} bytes")  # sizes used are 40..127
+
+
+def _round_up(n, multiple: int = ALIGNMENT):
+    """`n` rounded up to a multiple (Python ints or integer tensors)."""
+    return (n + multiple - 1) // multiple * multiple
+
+
+def _slot_starts(sizes: Sequence) -> list:
+    """Payload offsets of the slotted arrays of "aligned64", given their sizes in slot order.
+
+    The first starts at `ALIGNMENT`; each next one `ALIGNMENT` bytes after the
+    previous one's end rounded up to a multiple of `ALIGNMENT`, which leaves 64
+    to 127 bytes for a padding entry and the next feature's header.
+    """
+    starts, at = [], ALIGNMENT
+    for size in sizes:
+        starts.append(at)
+        at = _round_up(at + size) + ALIGNMENT
+    return starts
+
+
 def serialize(example: Mapping[str, Any]) -> bytearray:
     """Serializes one patch into `tf.train.Example` bytes (the record written to shards).
 
-    Deterministic: the same example always gives the same bytes (features in
-    key order, no timestamp). The record is laid out in one buffer whose size
-    is computed first, and every array is copied into it exactly once (the
-    aerial bands are transposed to channels-last by that copy). Args and
-    errors as `encode`.
+    Deterministic: the same example always gives the same bytes. The layout is
+    "aligned64" (module docstring): the large arrays first, each payload at a
+    multiple of `ALIGNMENT` bytes, then the other features sorted by key. The
+    record is laid out in one buffer whose size is computed first, and every
+    array is copied into it exactly once (the aerial bands are transposed to
+    channels-last by that copy). Args and errors as `encode`.
 
     Returns:
       The record, a `bytearray` (``tf.io.TFRecordWriter.write`` takes it as is).
     """
-    plan: list[tuple[bytes, Any, int]] = []  # (wire headers, payload, payload size)
     fields = _fields(example)
-    for key in sorted(fields):
+    slots = [key for key in _SLOTS if key in fields]
+    others = sorted(key for key in fields if key not in _SLOTS)
+    plan: list[tuple[bytes, Any, int]] = []  # (wire bytes before the payload, payload, payload size)
+    for key in slots + others:
         kind, value = fields[key]
         if kind == _BYTES:
             payload = value  # BytesList.value
@@ -230,20 +300,26 @@ def serialize(example: Mapping[str, Any]) -> bytearray:
         else:
             payload = _varint(value)  # packed Int64List.value
         n = payload.nbytes if isinstance(payload, np.ndarray) else len(payload)
-        inner = b"\x0a" + _varint(n)
-        feature = bytes([kind]) + _varint(len(inner) + n)
-        k = key.encode()
-        entry = b"\x0a" + _varint(len(k)) + k + b"\x12" + _varint(len(feature) + len(inner) + n)
-        entry_size = len(entry) + len(feature) + len(inner) + n
-        plan.append((b"\x0a" + _varint(entry_size) + entry + feature + inner, payload, n))  # Features.feature
-    body = sum(len(head) + n for head, _, n in plan)
-    prefix = b"\x0a" + _varint(body)  # Example.features
-    buf = bytearray(len(prefix) + body)
-    buf[:len(prefix)] = prefix
-    at = len(prefix)
-    for head, payload, n in plan:
-        buf[at:at + len(head)] = head
-        at += len(head)
+        plan.append((_entry_head(key, kind, n), payload, n))
+    # Slot i's payload starts at starts[i]; a `_pad<i>` entry fills the bytes before its
+    # header. The positions from the first payload on do not depend on the length of the
+    # record's own size varint, which only changes the first padding.
+    starts = _slot_starts([n for _, _, n in plan[:len(slots)]])
+    end = starts[-1] + plan[len(slots) - 1][2] + sum(len(h) + n for h, _, n in plan[len(slots):])
+    size_length = next(v for v in range(1, 11) if len(_varint(end - 1 - v)) == v)
+    buf = bytearray(end)
+    at = 0
+
+    def put(data: bytes) -> None:
+        nonlocal at
+        buf[at:at + len(data)] = data
+        at += len(data)
+
+    put(b"\x0a" + _varint(end - 1 - size_length))  # Example.features
+    for i, (head, payload, n) in enumerate(plan):
+        if i < len(slots):
+            put(_padding(i, starts[i] - len(head) - at))
+        put(head)
         if isinstance(payload, np.ndarray):
             dst = np.frombuffer(buf, dtype=payload.dtype, count=payload.size, offset=at).reshape(payload.shape)
             if payload.ndim == 3 and payload.shape[-1] <= 8 and not payload.flags.c_contiguous:
@@ -253,9 +329,10 @@ def serialize(example: Mapping[str, Any]) -> bytearray:
                     dst[..., band] = payload[..., band]
             else:
                 np.copyto(dst, payload)
+            at += n
         else:
-            buf[at:at + n] = payload
-        at += n
+            put(payload)
+    assert at == end, (at, end)
     return buf
 
 
@@ -374,35 +451,92 @@ def decode(
                          f"{'' if with_raw_metadata else ' (without with_raw_metadata)'}; "
                          f"choose from {list(available)}")
     sources = {**_SOURCES, **_RAW_METADATA_SOURCES, **_SENTINEL_SOURCES}
-    features = list(dict.fromkeys(name for k in keys for name in sources[k]))
-    f = tf.io.parse_single_example(serialized, _parse_spec(features))
     p = spec.patch_size
     s, nb = spec.sentinel_size, len(SENTINEL_BANDS)
+    sliced = [k for k in keys if k in _SLOTTED_KEYS] if spec.byte_layout == "aligned64" and _LITTLE_ENDIAN else []
+    features = [name for k in keys if k not in sliced for name in sources[k]]
+    if sliced:
+        # Slot sizes: the label's depends on has_label, the Sentinel arrays' on T.
+        last = max(_SLOTS.index(_SLOTTED_KEYS[k]) for k in sliced)
+        features += ["has_label"] if last >= _SLOTS.index("label") else []
+        features += ["sentinel/length"] if last >= _SLOTS.index("sentinel/data") else []
+    features = list(dict.fromkeys(features))
+    f = tf.io.parse_single_example(serialized, _parse_spec(features)) if features else {}
     t = tf.cast(f["sentinel/length"], tf.int32) if "sentinel/length" in f else None
 
-    def label():
-        codes = tf.io.decode_raw(f["label"], tf.uint8)
+    def label_from(codes):
         # Unlabelled records store no label bytes: pad to P*P zeros (no tf.cond needed).
         return tf.reshape(tf.pad(codes, [[0, p * p - tf.size(codes)]]), [p, p])
 
     build = {
         "aerial": lambda: _raw(f["aerial"], tf.uint8, [p, p, 4]),
         "elevation": lambda: _raw(f["elevation"], tf.uint8, [p, p, 1]),
-        "label": label,
+        "label": lambda: label_from(tf.io.decode_raw(f["label"], tf.uint8)),
         "has_label": lambda: tf.cast(f["has_label"], tf.bool),
         "metadata": lambda: f["metadata/vector"],
         "metadata_month": lambda: tf.cast(f["metadata/month"], tf.int32),
         "transform": lambda: _raw(f["transform"], tf.float64, [6]),
         "metadata_centroid": lambda: _raw(f["metadata/centroid"], tf.float64, [3]),
-        "sentinel_data": lambda: tf.ensure_shape(
-            _raw(f["sentinel/data"], tf.uint16, [t, s, s, nb]), [None, s, s, nb]),
-        "sentinel_masks": lambda: tf.ensure_shape(
-            _raw(f["sentinel/masks"], tf.uint8, [t, s, s, 2]), [None, s, s, 2]),
+        "sentinel_data": lambda: _raw(f["sentinel/data"], tf.uint16, [t, s, s, nb]),
+        "sentinel_masks": lambda: _raw(f["sentinel/masks"], tf.uint8, [t, s, s, 2]),
         "sentinel_dates": lambda: tf.ensure_shape(_raw(f["sentinel/dates"], tf.int32, [t]), [None]),
         "sentinel_length": lambda: t,
     }
-    # The rest are strings passed through as parsed.
-    return {k: build[k]() if k in build else f[sources[k][0]] for k in keys}
+    if sliced:
+        arrays = _sliced_arrays(serialized, spec, f)
+        build.update(arrays, label=lambda: label_from(arrays["label"]()))
+    out = {k: build[k]() if k in build else f[sources[k][0]] for k in keys}
+    for key in ("sentinel_data", "sentinel_masks"):
+        if key in out:
+            out[key] = tf.ensure_shape(out[key], [None, s, s, nb if key == "sentinel_data" else 2])
+    return out
+
+
+# Decoded key -> its record feature, for the keys "aligned64" gives as slices.
+_SLOTTED_KEYS = {"aerial": "aerial", "elevation": "elevation", "label": "label",
+                 "sentinel_data": "sentinel/data", "sentinel_masks": "sentinel/masks"}
+
+
+def _sliced_arrays(serialized: tf.Tensor, spec: RecordSpec, parsed: Mapping[str, tf.Tensor]) -> dict:
+    """Builders of the slotted arrays of an "aligned64" record: slices of one copy of it.
+
+    ``tf.io.decode_raw`` copies the record once into an aligned uint8 tensor;
+    a slice of it that starts and ends at multiples of `ALIGNMENT` bytes shares
+    its buffer (TensorFlow's aligned dim-0 slice), and reshape and bitcast do
+    too. The aerial feature's header, just before the first payload, is checked,
+    so a record in another layout fails with an error instead of giving garbage.
+    """
+    p, s, nb = spec.patch_size, spec.sentinel_size, len(SENTINEL_BANDS)
+    raw = tf.io.decode_raw(serialized, tf.uint8)
+    sizes = [p * p * 4, p * p]
+    if "has_label" in parsed:
+        sizes.append(parsed["has_label"] * (p * p))
+    if "sentinel/length" in parsed:
+        t = parsed["sentinel/length"]
+        sizes += [t * (s * s * nb * 2), t * (s * s * 2)]
+    starts = _slot_starts(sizes)
+    head = _entry_head("aerial", _BYTES, sizes[0])
+    check = tf.debugging.Assert(
+        tf.reduce_all(tf.equal(raw[ALIGNMENT - len(head):ALIGNMENT],
+                               tf.constant(np.frombuffer(head, np.uint8)))),
+        ["record is not in the aligned64 byte layout that dataset_info.json declares "
+         "(byte_layout); convert the data again with tools/convert_to_tfrecords.py"])
+
+    def piece(i):
+        with tf.control_dependencies([check]):
+            return tf.slice(raw, tf.cast(tf.reshape(starts[i], [1]), tf.int64),
+                            tf.cast(tf.reshape(sizes[i], [1]), tf.int64))
+
+    def uint16(x):
+        return tf.reshape(tf.bitcast(tf.reshape(x, [-1, 2]), tf.uint16), [-1])
+
+    return {
+        "aerial": lambda: tf.reshape(piece(0), [p, p, 4]),
+        "elevation": lambda: tf.reshape(piece(1), [p, p, 1]),
+        "label": lambda: piece(2),  # the codes; unpadded (empty when unlabelled)
+        "sentinel_data": lambda: tf.reshape(uint16(piece(3)), tf.stack([parsed["sentinel/length"], s, s, nb])),
+        "sentinel_masks": lambda: tf.reshape(piece(4), tf.stack([parsed["sentinel/length"], s, s, 2])),
+    }
 
 
 # --------------------------------------------------------------------------- files

@@ -50,6 +50,12 @@ def _summary_fn(spec: schema.RecordSpec):
             "patch_id_len": tf.strings.length(ex["patch_id"]),
             "metadata_finite": tf.reduce_all(tf.math.is_finite(ex["metadata"])),
         }
+        if spec.byte_layout == "aligned64":
+            # The arrays the pipeline takes as slices of the record must be the ones any
+            # protobuf reader sees in its fields.
+            keys = [k for k in ("aerial", "elevation", "label", "sentinel_data", "sentinel_masks") if k in ex]
+            parsed = schema.decode(raw, dataclasses.replace(spec, byte_layout="protobuf"), keys=keys)
+            out["layout_ok"] = tf.reduce_all(tf.stack([tf.reduce_all(tf.equal(ex[k], parsed[k])) for k in keys]))
         if spec.task == "flair2":
             out["t"] = ex["sentinel_length"]
             out["t_dates"] = tf.shape(ex["sentinel_dates"])[0]
@@ -82,6 +88,8 @@ def _check_values(s: dict, task: str) -> list[str]:
             problems.append(f"label codes span {s['label_min']}..{s['label_max']}, expected 1..19")
     elif s["label_max"] != 0:
         problems.append("has_label is false but the label is not all zeros")
+    if not s.get("layout_ok", True):
+        problems.append("its aligned64 slices differ from its protobuf fields (not written by schema.serialize?)")
     if s["patch_id_len"] == 0:
         problems.append("empty patch_id")
     if not s["metadata_finite"]:

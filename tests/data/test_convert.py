@@ -131,6 +131,23 @@ def test_flair1_records_verify_and_unlabelled_test_split(flair1_tree, flair1_rec
     assert verify.verify(str(tmp_path / "out"), show_progress=False).ok
 
 
+def test_byte_layout_is_recorded_and_old_layouts_are_not_mixed_in(flair1_tree, tmp_path):
+    out = tmp_path / "out"
+    info = convert.convert(_options("flair1", flair1_tree, out))
+    assert info["byte_layout"] == "aligned64"
+    assert schema.RecordSpec.from_info(info).byte_layout == "aligned64"
+    # A val split converted before the aligned layout existed (no byte_layout in the info).
+    path = out / schema.DATASET_INFO_NAME
+    old = json.loads(path.read_text())
+    del old["byte_layout"]
+    path.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"\['val'\].*byte_layout='protobuf'.*--splits=test,val"):
+        convert.convert(_options("flair1", flair1_tree, out, splits=("test",)))
+    info = convert.convert(_options("flair1", flair1_tree, out, splits=("test", "val")))
+    assert info["byte_layout"] == "aligned64"
+    assert verify.verify(str(out), show_progress=False).ok
+
+
 def test_shard_order_is_seeded_and_groups_zones_for_flair2(flair2_tree, tmp_path):
     out = tmp_path / "out"
     convert.convert(_options("flair2", flair2_tree, out, splits=("train",), num_shards=3))

@@ -47,8 +47,12 @@ def make_example(k, task, rng):
 
 
 def write_records(directory, task, split, num, num_shards, seed=0, compression=None,
-                  with_counts=True):
-    """Shards + a dataset_info.json like the converter's (the keys the pipeline reads)."""
+                  with_counts=True, byte_layout="aligned64"):
+    """Shards + a dataset_info.json like the converter's (the keys the pipeline reads).
+
+    `byte_layout` "aligned64" writes the converter's records (`schema.serialize`),
+    "protobuf" protobuf's own serialization of the same examples.
+    """
     rng = np.random.default_rng(seed)
     tf.io.gfile.makedirs(directory)
     shards, k, examples = [], 0, {}
@@ -60,11 +64,13 @@ def write_records(directory, task, split, num, num_shards, seed=0, compression=N
             for _ in range(n):
                 ex = make_example(k, task, rng)
                 examples[ex["patch_id"]] = ex
-                w.write(schema.encode(ex).SerializeToString())
+                w.write(bytes(schema.serialize(ex)) if byte_layout == "aligned64"
+                        else schema.encode(ex).SerializeToString())
                 k += 1
         shards.append({"file": name, "num_examples": n})
     info = {"schema_version": schema.SCHEMA_VERSION, "task": task, "patch_size": P,
             "sentinel_size": S + 2 if task == "flair2" else None, "compression": compression,
+            "byte_layout": byte_layout,
             "splits": {split: {"num_examples": num, "shards": shards,
                                "aerial_stats": {"mean": [1, 2, 3, 4], "std": [5, 6, 7, 8]},
                                "elevation_stats": {"mean": [9], "std": [10]}}}}
@@ -497,3 +503,30 @@ def test_xla_packed_and_generic_paths_give_the_same_batches(records, monkeypatch
             for key in ("aerial", "sentinel"):
                 np.testing.assert_array_equal(ff[key], sf[key])
                 np.testing.assert_array_equal(fl[key], sl[key])
+
+
+@pytest.mark.parametrize("task", ["flair1", "flair2"])
+def test_both_byte_layouts_give_the_same_batches(tmp_path, monkeypatch, task):
+    # The same examples as the converter writes them (aligned64, decoded from slices of the
+    # record) and as protobuf serializes them (parsed feature by feature); and aligned
+    # records read as a big-endian host would (parsed).
+    kw = dict(task=task, augment=True, seed=3, use_metadata=True)
+    if task == "flair2":
+        kw["sentinel_size"] = S
+    results = []
+    for layout in schema.BYTE_LAYOUTS:
+        directory = str(tmp_path / layout)
+        write_records(directory, task, "train", 6, 2, seed=7, byte_layout=layout)
+        results.append(batches(pl.make_dataset(directory, "train", pl.PipelineConfig(**kw), 3), 3))
+        ids = eval_ids(pl.make_dataset(directory, "train", pl.PipelineConfig(**kw), 4,
+                                       training=False, repeat=False, pad_final_batch=True))
+        assert len(ids) == 6
+    monkeypatch.setattr(schema, "_LITTLE_ENDIAN", False)
+    results.append(batches(pl.make_dataset(str(tmp_path / "aligned64"), "train", pl.PipelineConfig(**kw), 3), 3))
+    for other in results[1:]:
+        for (ff, fl), (sf, sl) in zip(results[0], other):
+            assert sorted(ff) == sorted(sf) and sorted(fl) == sorted(sl)
+            for key in ff:
+                np.testing.assert_array_equal(ff[key], sf[key], err_msg=key)
+            for key in fl:
+                np.testing.assert_array_equal(fl[key], sl[key], err_msg=key)

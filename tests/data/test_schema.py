@@ -71,13 +71,21 @@ def _check(decoded, ex, spec):
         assert got["sentinel_dates"].dtype == np.int32
 
 
+def _records(examples, layout):
+    """Records of `examples` in a byte layout: ours (aligned64) or protobuf's own serializer."""
+    if layout == "aligned64":
+        return [bytes(schema.serialize(ex)) for ex in examples]
+    return [schema.encode(ex).SerializeToString() for ex in examples]
+
+
+@pytest.mark.parametrize("layout", schema.BYTE_LAYOUTS)
 @pytest.mark.parametrize("task", ["flair1", "flair2"])
-def test_round_trip_eager_and_in_tf_data(task):
+def test_round_trip_eager_and_in_tf_data(task, layout):
     rng = np.random.default_rng(0)
-    spec = schema.RecordSpec(task, P, S if task == "flair2" else None)
+    spec = schema.RecordSpec(task, P, S if task == "flair2" else None, byte_layout=layout)
     ts = [3, 7, 1] if task == "flair2" else [None, None, None]
     examples = [_example(rng, t, labelled=i != 1, month=4 + i) for i, t in enumerate(ts)]
-    serialized = [schema.encode(ex).SerializeToString() for ex in examples]
+    serialized = _records(examples, layout)
     for ex, s in zip(examples, serialized):
         _check(schema.decode(tf.constant(s), spec), ex, spec)
     # Graph mode, as the input pipeline uses it; T varies between elements.
@@ -90,15 +98,48 @@ def test_round_trip_eager_and_in_tf_data(task):
 
 
 @pytest.mark.parametrize("task", ["flair1", "flair2"])
-def test_decoding_some_keys_gives_the_same_values(task):
+def test_aligned_records_decode_alike_with_either_layout_and_at_odd_sizes(task):
+    # The aligned slices and the protobuf parse give the same arrays, including at patch
+    # sizes whose arrays do not end on a 64-byte boundary (those slices copy).
+    rng = np.random.default_rng(5)
+    for p in (P, 20, 3):
+        for labelled in (True, False):
+            ex = _example(rng, 5 if task == "flair2" else None, labelled=labelled)
+            ex["aerial"] = rng.integers(0, 256, (p, p, 4), dtype=np.uint8)
+            ex["elevation"] = rng.integers(0, 256, (p, p, 1), dtype=np.uint8)
+            ex["label"] = rng.integers(1, 20, (p, p), dtype=np.uint8) if labelled else None
+            record = tf.constant(bytes(schema.serialize(ex)))
+            sizes = (p, S if task == "flair2" else None)
+            fast = schema.decode(record, schema.RecordSpec(task, *sizes, byte_layout="aligned64"))
+            parsed = schema.decode(record, schema.RecordSpec(task, *sizes))
+            assert set(fast) == set(parsed)
+            for key in parsed:
+                np.testing.assert_array_equal(fast[key].numpy(), parsed[key].numpy(), err_msg=key)
+
+
+def test_aligned_decoding_of_a_record_in_another_layout_fails_clearly():
+    ex = _example(np.random.default_rng(6))
+    spec = schema.RecordSpec("flair1", P, byte_layout="aligned64")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="aligned64 byte layout"):
+        schema.decode(tf.constant(schema.encode(ex).SerializeToString()), spec)
+    ds = tf.data.Dataset.from_tensors(schema.encode(ex).SerializeToString()).map(
+        lambda s: schema.decode(s, spec, keys=["label"]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="aligned64 byte layout"):
+        next(iter(ds))
+
+
+@pytest.mark.parametrize("layout", schema.BYTE_LAYOUTS)
+@pytest.mark.parametrize("task", ["flair1", "flair2"])
+def test_decoding_some_keys_gives_the_same_values(task, layout):
     rng = np.random.default_rng(2)
-    spec = schema.RecordSpec(task, P, S if task == "flair2" else None)
-    record = tf.constant(schema.encode(_example(rng, 4 if task == "flair2" else None)).SerializeToString())
+    spec = schema.RecordSpec(task, P, S if task == "flair2" else None, byte_layout=layout)
+    record = tf.constant(_records([_example(rng, 4 if task == "flair2" else None)], layout)[0])
     full = schema.decode(record, spec, with_raw_metadata=True)
     assert sorted(full) == sorted(schema.decoded_keys(spec, with_raw_metadata=True))
-    subsets = [["label", "aerial"], ["metadata_month"], ["transform", "metadata_centroid"]]
+    subsets = [["label", "aerial"], ["elevation"], ["metadata_month"], ["transform", "metadata_centroid"]]
     if task == "flair2":
-        subsets += [["sentinel_dates"], ["sentinel_masks", "elevation"], ["sentinel_length"]]
+        subsets += [["sentinel_dates"], ["sentinel_masks", "elevation"], ["sentinel_length"],
+                    ["sentinel_data"], ["label", "sentinel_masks", "patch_id"]]
     for keys in subsets:
         some = schema.decode(record, spec, with_raw_metadata=True, keys=keys)
         assert list(some) == keys
@@ -121,20 +162,49 @@ def test_raw_metadata_fields_round_trip():
     np.testing.assert_array_equal(dec["metadata_centroid"].numpy(), [924009.6, 6339451.2, 1661.9399414062])
 
 
+def _protobuf_example(fields, pads):
+    """The same features built with protobuf's own API (an independent encoder)."""
+    proto = tf.train.Example()
+    for key, (kind, value) in fields.items():
+        feature = proto.features.feature[key]
+        if kind == schema._BYTES:
+            feature.bytes_list.value.append(value.tobytes() if isinstance(value, np.ndarray) else bytes(value))
+        elif kind == schema._FLOAT:
+            feature.float_list.value.extend(value.tolist())
+        else:
+            feature.int64_list.value.append(value)
+    for key, n in pads.items():
+        proto.features.feature[key].bytes_list.value.append(bytes(n))
+    return proto
+
+
 @pytest.mark.parametrize("t", [None, 3])
-def test_hand_serialized_bytes_equal_protobuf_deterministic_output(t):
-    # serialize() writes the wire format itself; protobuf's serializer must agree byte for byte.
+def test_hand_serialized_bytes_are_the_example_protobuf_builds(t):
+    # serialize() writes the wire format itself: protobuf must parse it into the same message
+    # its own API builds from the same values, with the big arrays at 64-byte offsets.
     for labelled in (True, False):
         ex = _example(np.random.default_rng(4), t=t, labelled=labelled)
         ex["transform"] = (-0.2, 0.0, -1e300, 0.0, 0.2, 5e-324)  # signs, extremes
-        raw = schema.serialize(ex)
-        proto = schema.encode(ex)
-        assert proto.SerializeToString(deterministic=True) == raw
-        assert raw == schema.serialize(dict(reversed(list(ex.items()))))
-        rebuilt = tf.train.Example()
-        for key in reversed(sorted(proto.features.feature)):
-            rebuilt.features.feature[key].CopyFrom(proto.features.feature[key])
-        assert rebuilt.SerializeToString(deterministic=True) == raw
+        raw = bytes(schema.serialize(ex))
+        parsed = tf.train.Example.FromString(raw)
+        pads = {k: len(v.bytes_list.value[0]) for k, v in parsed.features.feature.items() if k.startswith("_pad")}
+        fields = schema._fields(ex)
+        slots = [k for k in schema._SLOTS if k in fields]
+        assert sorted(pads) == [f"_pad{i}" for i in range(len(slots))]
+        expected = _protobuf_example(fields, pads)
+        assert parsed.SerializeToString(deterministic=True) == expected.SerializeToString(deterministic=True)
+        # Canonical encoding: protobuf's serialization of the message is as long as ours.
+        assert len(expected.SerializeToString(deterministic=True)) == len(raw)
+        assert raw == bytes(schema.serialize(dict(reversed(list(ex.items())))))  # deterministic
+        # The slotted payloads, in slot order, each at a multiple of 64 bytes.
+        offsets = []
+        for key in slots:
+            payload = fields[key][1]
+            payload = payload.tobytes() if isinstance(payload, np.ndarray) else bytes(payload)
+            if payload:
+                offsets.append(raw.index(payload))
+                assert offsets[-1] % schema.ALIGNMENT == 0, key
+        assert offsets == sorted(offsets)
 
 
 def test_sentinel_bytes_are_little_endian():
@@ -164,7 +234,10 @@ def test_encode_rejects_wrong_shapes_and_dtypes_naming_the_patch():
 
 def test_spec_from_info_and_version_check():
     info = {"schema_version": schema.SCHEMA_VERSION, "task": "flair2", "patch_size": 64, "sentinel_size": 40}
-    assert schema.RecordSpec.from_info(info) == schema.RecordSpec("flair2", 64, 40)
+    assert schema.RecordSpec.from_info(info) == schema.RecordSpec("flair2", 64, 40, byte_layout="protobuf")
+    assert schema.RecordSpec.from_info(dict(info, byte_layout="aligned64")).byte_layout == "aligned64"
+    with pytest.raises(ValueError, match="byte_layout"):
+        schema.RecordSpec.from_info(dict(info, byte_layout="aligned32"))
     with pytest.raises(ValueError, match="schema version"):
         schema.RecordSpec.from_info(dict(info, schema_version=schema.SCHEMA_VERSION + 1))
     with pytest.raises(ValueError, match="sentinel_size"):

@@ -104,3 +104,24 @@ def test_record_that_does_not_decode_is_named_and_reading_goes_on(records):
             w.write(bad.SerializeToString() if i == 1 else r)
     problems = verify.verify(directory, ["train"], show_progress=False).problems
     assert len(problems) == 1 and problems[0].startswith(f"{shard} record 1: cannot be decoded (InvalidArgumentError")
+
+
+def test_record_whose_aligned_slices_disagree_with_its_fields_is_named(records):
+    import tensorflow as tf
+
+    directory, shard = records
+    path = os.path.join(directory, shard)
+    good = [r.numpy() for r in tf.data.TFRecordDataset(path)]
+    # A second Features message appended to record 2 overrides "aerial" for protobuf readers
+    # (repeated message fields merge, last value wins) while the aligned slice keeps the first.
+    p = schema.RecordSpec.from_info(schema.load_dataset_info(directory)).patch_size
+    extra = tf.train.Features()
+    extra.feature["aerial"].bytes_list.value.append(bytes(p * p * 4))
+    body = extra.SerializeToString()
+    tampered = good[2] + b"\x0a" + schema._varint(len(body)) + body
+    with tf.io.TFRecordWriter(path) as w:
+        for i, r in enumerate(good):
+            w.write(tampered if i == 2 else r)
+    problems = verify.verify(directory, ["train"], show_progress=False).problems
+    assert problems == [f"{shard} record 2: its aligned64 slices differ from its protobuf fields "
+                        "(not written by schema.serialize?)"]
