@@ -6,8 +6,8 @@ For FLAIR #1 and FLAIR #2 it writes a synthetic 512 x 512 tree of 4N train
 patches (`synthetic.make_tree`) and measures:
 
 * ``read_bound_patches_per_s``: merely reading the same files in one process
-  (rasterio ``read()`` of IMG and MSK, the memory-mapped 40 x 40 Sentinel crop
-  of data and masks), page cache warm;
+  (rasterio ``read()`` of IMG and MSK, the 40 x 40 Sentinel crop of data and
+  masks copied out of the memory-mapped super-area), page cache warm;
 * ``patches_per_s`` at 1 and 2 workers: ``tools/convert_to_tfrecords.py`` run as
   a subprocess on N patches (a CSV list) and on all 4N; the rate is that of the
   4N run from the first shard's start to the last shard's end (the shards'
@@ -85,8 +85,9 @@ def _read_bound(patches, centroids: dict, size: int) -> tuple[float, float]:
                 h = size // 2
                 data = np.load(p.sentinel.data, mmap_mode="r")
                 masks = np.load(p.sentinel.masks, mmap_mode="r")
-                np.asarray(data[:, :, r - h:r + h, c - h:c + h])
-                np.asarray(masks[:, :, r - h:r + h, c - h:c + h])
+                # Copied out of the mapping: a view (np.asarray) would read nothing.
+                np.array(data[:, :, r - h:r + h, c - h:c + h])
+                np.array(masks[:, :, r - h:r + h, c - h:c + h])
         return time.perf_counter() - start, time.process_time() - cpu
 
     read_all()  # warm the page cache, as the conversions below find it

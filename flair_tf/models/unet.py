@@ -48,7 +48,7 @@ def unet_decoder(feats, prefix: str = "decoder", channels=DECODER_CHANNELS):
     x = feats[-1]
     for i, filters in enumerate(channels):
         name = f"{prefix}.blocks.{i}"
-        x = keras.layers.UpSampling2D(2, interpolation="nearest", name=f"{name}.up")(x)
+        x = L.UpSampling2D(2, interpolation="nearest", name=f"{name}.up")(x)
         if i < len(skips):
             x = [x, skips[i]]  # concatenated along channels by the convolution
         x = _decoder_conv(x, filters, f"{name}.conv1")

@@ -7,8 +7,10 @@ import json
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from flair_tf.models import build_model, build_unet
+from flair_tf.models import layers as L
 from flair_tf.models.layers import InputNormalization
 from flair_tf.models.unet import AddAlongHeight
 
@@ -77,3 +79,27 @@ def test_build_model_from_json_config():
         build_model({"arch": "fcn"})
     with pytest.raises(ValueError, match="Invalid model_config"):
         build_model({"arch": "unet", "num_clases": 13})
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_nearest_upsampling_equals_keras_forward_and_backward(jit):
+    # The decoder's upsampling (resize forward, reshape-sum gradient) against Keras's layer.
+    x = tf.random.stateless_normal([2, 5, 3, 4], seed=[1, 2])
+    w = tf.random.stateless_normal([2, 10, 6, 4], seed=[3, 4])
+
+    def run(layer):
+        @tf.function(jit_compile=jit)
+        def f(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x)
+                loss = tf.reduce_sum(y * w)
+            return y, tape.gradient(loss, x)
+        return f(x)
+
+    ours, keras_ = run(L.UpSampling2D(2)), run(keras.layers.UpSampling2D(2))
+    np.testing.assert_array_equal(ours[0].numpy(), keras_[0].numpy())
+    np.testing.assert_allclose(ours[1].numpy(), keras_[1].numpy(), rtol=1e-6, atol=1e-6)
+    # Each input's gradient is the sum of its 2x2 block of output gradients.
+    expected = w.numpy().reshape(2, 5, 2, 3, 2, 4).sum(axis=(2, 4))
+    np.testing.assert_allclose(ours[1].numpy(), expected, rtol=1e-6, atol=1e-6)
