@@ -45,6 +45,7 @@ Bump `SCHEMA_VERSION` on any change of keys, shapes or byte layout.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import posixpath
 import sys
@@ -236,6 +237,7 @@ def _fields(example: Mapping[str, Any]) -> dict[str, tuple[int, Any]]:
     return fields
 
 
+@functools.lru_cache(maxsize=256)
 def _entry_head(key: str, kind: int, n: int) -> bytes:
     """Wire bytes of one ``Features.feature`` map entry up to its payload of `n` bytes."""
     inner = b"\x0a" + _varint(n)  # BytesList.value / packed FloatList or Int64List.value
@@ -245,6 +247,7 @@ def _entry_head(key: str, kind: int, n: int) -> bytes:
     return b"\x0a" + _varint(len(entry) + len(feature) + len(inner) + n) + entry + feature + inner
 
 
+@functools.lru_cache(maxsize=256)
 def _padding(index: int, size: int) -> bytes:
     """A whole map entry ``_pad<index>`` (bytes feature of zeros) of exactly `size` wire bytes."""
     key = f"_pad{index}"
