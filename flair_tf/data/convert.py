@@ -140,9 +140,10 @@ class Statistics:
             axis, fold = 0, lambda v: v.reshape(-1, c).sum(axis=0)  # noqa: E731
         else:
             rows, axis, fold = x.reshape(x.shape[0], -1), 1, lambda v: v  # noqa: E731
-        sums = fold(rows.sum(axis=axis, dtype=np.uint64))
-        sq = rows.astype(square_dtype)
-        sq *= sq  # uint8**2 fits uint16, uint16**2 fits uint32
+        # Sums accumulate in uint32 while they cannot overflow (about 2x faster than uint64).
+        narrow = rows.shape[axis] <= (1 << 32) // (np.iinfo(x.dtype).max + 1)
+        sums = fold(rows.sum(axis=axis, dtype=np.uint32 if narrow else np.uint64).astype(np.uint64))
+        sq = np.square(rows, dtype=square_dtype)  # uint8**2 fits uint16, uint16**2 fits uint32
         return sums, fold(sq.sum(axis=axis, dtype=np.uint64))
 
     @staticmethod

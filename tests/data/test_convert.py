@@ -397,3 +397,16 @@ def test_fast_band_sums_and_code_histogram_are_exact(shape, fill):
         assert int(sumsq[b]) == int((bands[b].astype(np.uint64) ** 2).sum())
     for lab in (bands[0], bands[0].reshape(-1)[1:]):  # odd and even pixel counts, unaligned view
         np.testing.assert_array_equal(Statistics._code_histogram(lab), np.bincount(lab.ravel(), minlength=256))
+
+
+@pytest.mark.parametrize("num_rows", [3, 65536, 65538])
+def test_sentinel_band_sums_are_exact_at_the_uint32_limit(num_rows):
+    """uint16 sums accumulate in uint32 up to 65,536 rows, in uint64 beyond (65,538 maximal rows overflow uint32)."""
+    from flair_tf.data.convert import Statistics
+
+    crop = np.full((num_rows, 1, 1, 10), 65535, np.uint16)
+    crop[0, 0, 0, 0] = 7
+    sums, sumsq = Statistics._band_sums(crop, np.uint32, channels_last=True)
+    values = crop.reshape(-1, 10).astype(object)
+    assert [int(v) for v in sums] == [sum(values[:, b]) for b in range(10)]
+    assert [int(v) for v in sumsq] == [sum(v * v for v in values[:, b]) for b in range(10)]
