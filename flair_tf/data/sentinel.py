@@ -144,7 +144,7 @@ def filter_dates(masks: tf.Tensor, area_threshold: float = 0.5,
     return _least_cloudy_fallback(keep, cover), cover
 
 
-def monthly_average(data: tf.Tensor, dates: tf.Tensor, keep: tf.Tensor,
+def monthly_average(data: tf.Tensor, dates: tf.Tensor, keep: tf.Tensor | None,
                     ref_month: int = 5, ref_day: int = 15
                     ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Mean of the kept frames of each calendar month, padded to 12 frames.
@@ -154,7 +154,7 @@ def monthly_average(data: tf.Tensor, dates: tf.Tensor, keep: tf.Tensor,
         which is exact while a month's sum of counts stays below 2**24, e.g.
         up to 256 frames of uint16 values).
       dates: int [T] YYYYMMDD.
-      keep: bool [T] frames that passed the filter.
+      keep: bool [T] frames that passed the filter, or None for all of them.
       ref_month, ref_day: reference date of the date encoding.
 
     Returns:
@@ -163,9 +163,12 @@ def monthly_average(data: tf.Tensor, dates: tf.Tensor, keep: tf.Tensor,
       pad_mask bool [12] (True on padding).
     """
     month, _ = split_yyyymmdd(dates)
-    # [12, T] month membership; a dropped frame (index 12) has an all-zero column.
-    member = tf.one_hot(tf.where(keep, month - 1, NUM_MONTHS), NUM_MONTHS, axis=0,
-                        dtype=tf.float32)
+    if keep is not None:
+        # Only the kept frames are converted and summed (the dropped ones would add zeros).
+        kept = tf.where(keep)[:, 0]
+        data, month = tf.gather(data, kept), tf.gather(month, kept)
+    # [12, T] month membership.
+    member = tf.one_hot(month - 1, NUM_MONTHS, axis=0, dtype=tf.float32)
     counts = tf.reduce_sum(member, axis=1)
     present = counts > 0
     # Present months first, each group in calendar order. Reordering the tiny
@@ -261,7 +264,8 @@ def preprocess_sentinel(data: tf.Tensor, masks: tf.Tensor, dates: tf.Tensor, *,
         keep = tf.ones([num_dates], tf.bool)
         cover = cloud_cover(masks, cloud_proba_threshold)
     if average_month:
-        frames, date_values, pad_mask = monthly_average(data, dates, keep, ref_month, ref_day)
+        frames, date_values, pad_mask = monthly_average(
+            data, dates, keep if filter_clouds else None, ref_month, ref_day)
         divisor = 1.0
     else:
         frames, date_values, pad_mask = select_dates(

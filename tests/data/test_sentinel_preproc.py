@@ -189,6 +189,9 @@ def test_monthly_average_matches_reference():
     assert (frames[pad] == 0).all()
     # raw counts reach the network (img_as_float is a no-op on float64 means)
     assert frames.max() > 1000
+    # Without the filter every date counts: the cloudy January date changes January's mean.
+    unfiltered, enc_all, pad_all = assert_matches_oracle(data, masks, dates, filter_clouds=False)
+    assert not (unfiltered[0] == frames[0]).all() and enc_all[0] == enc[0] == 120
 
 
 def test_series_spanning_fewer_months_is_padded():
