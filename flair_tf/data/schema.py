@@ -39,7 +39,8 @@ without copying it again: half the memory traffic of parsing each array out
 first. Records of the "protobuf" layout (any other writer, e.g.
 ``tf.train.Example.SerializeToString``) are parsed feature by feature.
 
-Bump `SCHEMA_VERSION` on any change of keys, shapes or byte layout.
+Bump `SCHEMA_VERSION` on any change of keys or shapes; a new byte layout gets a
+new name in `BYTE_LAYOUTS` (readers of older records keep working).
 """
 
 from __future__ import annotations
@@ -255,7 +256,8 @@ def _padding(index: int, size: int) -> bytes:
         head = _entry_head(key, _BYTES, n)
         if len(head) + n == size:
             return head + bytes(n)
-    raise AssertionError(f"no padding entry of {size} bytes")  # sizes used are 40..127
+    # The gaps filled are about 30..127 bytes; an entry needs at least 15.
+    raise AssertionError(f"no padding entry of {size} bytes")
 
 
 def _round_up(n, multiple: int = ALIGNMENT):
