@@ -8,7 +8,7 @@ patches (`synthetic.make_tree`) and measures:
 * ``read_bound_patches_per_s``: merely reading the same files in one process
   (rasterio ``read()`` of IMG and MSK, the 40 x 40 Sentinel crop of data and
   masks copied out of the memory-mapped super-area), page cache warm, the best of
-  3 runs (least wall time, least CPU time);
+  ``--repeats`` runs (3; least wall time, least CPU time);
 * ``patches_per_s`` at 1 and 2 workers: ``tools/convert_to_tfrecords.py`` run as
   a subprocess on N patches (a CSV list) and on all 4N; the rate is that of the
   4N run from the first shard's start to the last shard's end (the shards'
@@ -54,7 +54,7 @@ flags.DEFINE_integer("patch_size", 512, "Aerial patch side.")
 flags.DEFINE_list("tasks", ["flair1", "flair2"], "Tasks to benchmark.")
 flags.DEFINE_list("workers", ["1", "2"], "Worker counts to benchmark.")
 flags.DEFINE_string("workdir", None, "Scratch folder (default: a temporary one, deleted).")
-flags.DEFINE_integer("repeats", 3, "Runs of each conversion; the best is reported, as for the read bound.")
+flags.DEFINE_integer("repeats", 3, "Runs of the read bound and of each conversion; the best of each is reported.")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,7 +74,7 @@ def _write_csv(path: str, patches) -> None:
             f.write(f"{p.image},{p.mask}\n")
 
 
-def _read_bound(patches, centroids: dict, size: int) -> tuple[float, float]:
+def _read_bound(patches, centroids: dict, size: int, repeats: int) -> tuple[float, float]:
     """(patches/s, CPU ms per patch) of merely reading the files, page cache warm."""
     import numpy as np
     import rasterio
@@ -97,7 +97,7 @@ def _read_bound(patches, centroids: dict, size: int) -> tuple[float, float]:
         return time.perf_counter() - start, time.process_time() - cpu
 
     read_all()  # warm the page cache, as the conversions below find it
-    runs = [read_all(), read_all(), read_all()]
+    runs = [read_all() for _ in range(repeats)]
     wall, cpu = min(r[0] for r in runs), min(r[1] for r in runs)
     return len(patches) / wall, 1000 * cpu / len(patches)
 
@@ -188,7 +188,7 @@ def _bench_task(task: str, work: str, n: int, patch_size: int, workers: list[int
     _write_csv(csv_small, small)
     _write_csv(csv_large, patches)
     centroids = readers.read_centroids_json(tree.centroids_json) if task == "flair2" else {}
-    read_rate, read_cpu_ms = _read_bound(patches, centroids, 40)
+    read_rate, read_cpu_ms = _read_bound(patches, centroids, 40, repeats)
     out: dict = {"read_bound_patches_per_s": round(read_rate, 2), "read_bound_cpu_ms_per_patch": round(read_cpu_ms, 2),
                  "generate_s": round(gen_s, 1), "workers": {}}
     for w in workers:

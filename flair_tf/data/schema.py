@@ -393,6 +393,9 @@ _SENTINEL_SOURCES = {
     "sentinel_length": ("sentinel/length",),
 }
 _INT64_FEATURES = ("has_label", "metadata/month", "sentinel/length")
+# Decoded key -> its record feature, for the keys "aligned64" gives as slices.
+_SLOTTED_KEYS = {key: names[0] for key, names in {**_SOURCES, **_SENTINEL_SOURCES}.items() if names[0] in _SLOTS}
+SLICED_KEYS = tuple(_SLOTTED_KEYS)  # the decoded keys read as slices of "aligned64" records
 
 
 def decoded_keys(spec: RecordSpec, with_raw_metadata: bool = False) -> tuple[str, ...]:
@@ -497,9 +500,6 @@ def decode(
     return out
 
 
-# Decoded key -> its record feature, for the keys "aligned64" gives as slices.
-_SLOTTED_KEYS = {"aerial": "aerial", "elevation": "elevation", "label": "label",
-                 "sentinel_data": "sentinel/data", "sentinel_masks": "sentinel/masks"}
 
 
 def _sliced_arrays(serialized: tf.Tensor, spec: RecordSpec, parsed: Mapping[str, tf.Tensor]) -> dict:

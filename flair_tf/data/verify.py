@@ -53,7 +53,7 @@ def _summary_fn(spec: schema.RecordSpec):
         if spec.byte_layout == "aligned64":
             # The arrays the pipeline takes as slices of the record must be the ones any
             # protobuf reader sees in its fields.
-            keys = [k for k in ("aerial", "elevation", "label", "sentinel_data", "sentinel_masks") if k in ex]
+            keys = [k for k in schema.SLICED_KEYS if k in ex]
             parsed = schema.decode(raw, dataclasses.replace(spec, byte_layout="protobuf"), keys=keys)
             out["layout_ok"] = tf.reduce_all(tf.stack([tf.reduce_all(tf.equal(ex[k], parsed[k])) for k in keys]))
         if spec.task == "flair2":

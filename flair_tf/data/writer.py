@@ -89,7 +89,7 @@ class RecordFile:
             self._file = open(path, "wb", buffering=1 << 20)  # pylint: disable=consider-using-with
 
     def write(self, record: bytes | bytearray | memoryview) -> None:
-        # google_crc32c reads only `bytes` (0.1 ms to copy a 1.5 MB bytearray).
+        # google_crc32c reads only `bytes` (the copy the class docstring counts).
         data = record if isinstance(record, bytes) else bytes(record)
         header = len(data).to_bytes(8, "little")
         w = self._file.write
