@@ -50,7 +50,7 @@ import functools
 import json
 import posixpath
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -173,27 +173,65 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-def _array(value: Any, dtype: str | np.dtype, shape: tuple, what: str, name: str) -> np.ndarray:
+class InPlace:
+    """An array that `serialize` lets its producer write straight into the record.
+
+    Instead of an array, an example may give ``InPlace(shape, dtype, fill)``
+    for a large feature: `serialize` lays the record out, then calls
+    ``fill(view)`` with the feature's place in the record as a writable array
+    of that shape and dtype, and keeps that view in ``.array``. The converter
+    has GDAL decode the aerial bands there, saving a copy of the record's
+    largest arrays.
+
+    Attributes:
+      shape, dtype: of the array the feature holds.
+      fill: writes the array into its argument (the record's view).
+      array: that view, once `serialize` has called ``fill``.
+    """
+
+    def __init__(self, shape: Sequence[int], dtype, fill: Callable[[np.ndarray], Any]):
+        self.shape = tuple(int(n) for n in shape)
+        self.dtype = np.dtype(dtype)
+        self.fill = fill
+        self.array: np.ndarray | None = None
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def _array(value: Any, dtype: str | np.dtype, shape: tuple, what: str, name: str) -> np.ndarray | InPlace:
     """``value`` checked and in the stored dtype; any strides (`serialize` copies it once)."""
+    if isinstance(value, InPlace):
+        value.dtype = _checked_dtype(value, dtype, shape, what, name)
+        return value
     arr = np.asarray(value)
+    return arr.astype(_checked_dtype(arr, dtype, shape, what, name), copy=False)
+
+
+def _checked_dtype(arr, dtype, shape: tuple, what: str, name: str) -> np.dtype:
     if tuple(arr.shape) != tuple(shape):
         raise ValueError(f"{name}: {what} has shape {arr.shape}, expected {tuple(shape)}")
     want = np.dtype(dtype)
     if arr.dtype.kind != want.kind or arr.dtype.itemsize != want.itemsize:
         raise ValueError(f"{name}: {what} has dtype {arr.dtype}, expected {want.name}")
     # The explicit little-endian dtype: a no-op on x86/ARM, a byte swap on big-endian hosts.
-    return arr.astype(want, copy=False)
+    return want
 
 
 def _fields(example: Mapping[str, Any]) -> dict[str, tuple[int, Any]]:
     """Feature key -> (kind, value): bytes-like for _BYTES, float32 array for _FLOAT, int for _INT."""
     name = f"IMG_{example.get('patch_id', '?')}"
-    aerial = np.asarray(example["aerial"])
+    aerial, elevation = (v if isinstance(v, InPlace) else np.asarray(v)
+                         for v in (example["aerial"], example["elevation"]))
     if aerial.ndim != 3 or aerial.shape[0] != aerial.shape[1]:
         raise ValueError(f"{name}: aerial has shape {aerial.shape}, expected (P, P, 4)")
     p = aerial.shape[0]
-    elevation = np.asarray(example["elevation"])
-    if elevation.ndim == 2:
+    if elevation.ndim == 2 and not isinstance(elevation, InPlace):
         elevation = elevation[..., None]
     meta = example["metadata"]
     try:
@@ -222,7 +260,8 @@ def _fields(example: Mapping[str, Any]) -> dict[str, tuple[int, Any]]:
         "transform": (_BYTES, _array(np.asarray(example["transform"], np.float64), "<f8", (6,), "transform", name)),
     }
     if "sentinel_data" in example:
-        data = np.asarray(example["sentinel_data"])
+        data = example["sentinel_data"]
+        data = data if isinstance(data, InPlace) else np.asarray(data)
         if data.ndim != 4 or data.shape[1] != data.shape[2]:
             raise ValueError(f"{name}: sentinel_data has shape {data.shape}, expected (T, S, S, 10)")
         t, s = data.shape[0], data.shape[1]
@@ -304,7 +343,7 @@ def serialize(example: Mapping[str, Any]) -> bytearray:
             payload = value.tobytes()  # packed FloatList.value
         else:
             payload = _varint(value)  # packed Int64List.value
-        n = payload.nbytes if isinstance(payload, np.ndarray) else len(payload)
+        n = payload.nbytes if isinstance(payload, (np.ndarray, InPlace)) else len(payload)
         plan.append((_entry_head(key, kind, n), payload, n))
     # Slot i's payload starts at starts[i]; a `_pad<i>` entry fills the bytes before its
     # header. The positions from the first payload on do not depend on the length of the
@@ -325,7 +364,11 @@ def serialize(example: Mapping[str, Any]) -> bytearray:
         if i < len(slots):
             put(_padding(i, starts[i] - len(head) - at))
         put(head)
-        if isinstance(payload, np.ndarray):
+        if isinstance(payload, InPlace):
+            payload.array = np.frombuffer(buf, payload.dtype, n // payload.dtype.itemsize, at).reshape(payload.shape)
+            payload.fill(payload.array)
+            at += n
+        elif isinstance(payload, np.ndarray):
             dst = np.frombuffer(buf, dtype=payload.dtype, count=payload.size, offset=at).reshape(payload.shape)
             if payload.ndim == 3 and payload.shape[-1] <= 8 and not payload.flags.c_contiguous:
                 # A bands-first image viewed channels-last: one copy per band into the

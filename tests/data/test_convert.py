@@ -396,7 +396,23 @@ def test_fast_band_sums_and_code_histogram_are_exact(shape, fill):
         assert int(sums[b]) == sum(values)
         assert int(sumsq[b]) == int((bands[b].astype(np.uint64) ** 2).sum())
     for lab in (bands[0], bands[0].reshape(-1)[1:]):  # odd and even pixel counts, unaligned view
-        np.testing.assert_array_equal(Statistics._code_histogram(lab), np.bincount(lab.ravel(), minlength=256))
+        np.testing.assert_array_equal(Statistics.code_histogram(lab), np.bincount(lab.ravel(), minlength=256))
+    # The same sums of the bands interleaved (channels-last), as the converter counts the aerial bands.
+    last_sums, last_sumsq = Statistics._uint8_channels_last_sums(np.ascontiguousarray(bands.transpose(1, 2, 0)))
+    np.testing.assert_array_equal(last_sums, sums)
+    np.testing.assert_array_equal(last_sumsq, sumsq)
+
+
+@pytest.mark.parametrize("rows", [66051, 66052])
+def test_channels_last_sums_at_the_uint32_limit_are_exact(rows):
+    """66,051 rows of 255**2 fit uint32; past that the uint64 path takes over."""
+    from flair_tf.data.convert import Statistics
+
+    x = np.full((rows, 1, 2), 255, np.uint8)
+    x[0, 0, 1] = 3
+    sums, sumsq = Statistics._uint8_channels_last_sums(x)
+    assert [int(v) for v in sums] == [rows * 255, (rows - 1) * 255 + 3]
+    assert [int(v) for v in sumsq] == [rows * 255**2, (rows - 1) * 255**2 + 9]
 
 
 @pytest.mark.parametrize("num_rows", [3, 65536, 65538])

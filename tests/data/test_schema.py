@@ -232,6 +232,27 @@ def test_encode_rejects_wrong_shapes_and_dtypes_naming_the_patch():
         schema.encode(ex)
 
 
+@pytest.mark.parametrize("t", [None, 3])
+def test_in_place_arrays_give_the_same_bytes_and_their_views(t):
+    """`InPlace` features are written by their fill into the record: the bytes of plain arrays."""
+    ex = _example(np.random.default_rng(5), t=t)
+    slots = {}
+    for key in ("aerial", "elevation", "label", "sentinel_data"):
+        if key in ex:
+            value = ex[key]
+            slots[key] = schema.InPlace(value.shape, value.dtype, lambda dst, v=value: np.copyto(dst, v))
+    record = schema.serialize({**ex, **slots})
+    assert record == schema.serialize(ex)
+    for key, slot in slots.items():
+        np.testing.assert_array_equal(slot.array, ex[key])
+        assert np.shares_memory(slot.array, np.frombuffer(record, np.uint8))  # the record's own bytes
+    bad = schema.InPlace((P, P, 3), np.uint8, lambda dst: None)
+    with pytest.raises(ValueError, match=r"IMG_\d{6}: aerial has shape \(16, 16, 3\)"):
+        schema.serialize({**ex, "aerial": bad})
+    with pytest.raises(ValueError, match="label has dtype int16"):
+        schema.serialize({**ex, "label": schema.InPlace((P, P), np.int16, lambda dst: None)})
+
+
 def test_spec_from_info_and_version_check():
     info = {"schema_version": schema.SCHEMA_VERSION, "task": "flair2", "patch_size": 64, "sentinel_size": 40}
     assert schema.RecordSpec.from_info(info) == schema.RecordSpec("flair2", 64, 40, byte_layout="protobuf")
