@@ -168,3 +168,19 @@ def test_remove_stale_deletes_other_shard_sets(tmp_path):
     assert len(removed) == 10  # 5 shards + 5 sidecars
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith("toy")) == [os.path.basename(r.path) for r in new]
     assert not os.path.exists(old[0].path)
+
+
+def test_objects_older_than_the_writing_are_left_out_of_garbage_collection_meanwhile(tmp_path):
+    import gc
+
+    counts = []
+
+    class Spy(ToyEncoder):
+        def encode(self, item):
+            counts.append(gc.get_freeze_count())
+            return super().encode(item)
+
+    before = gc.get_freeze_count()
+    writer.write_shards(_tasks(str(tmp_path), n_items=4, n_shards=2), Spy, show_progress=False)
+    assert min(counts) > before + 1000  # TensorFlow's objects at least
+    assert gc.get_freeze_count() == before
