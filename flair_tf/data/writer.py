@@ -138,6 +138,14 @@ class Encoder(Protocol):
     def collect(self) -> Any:
         """Statistics of the items encoded since the last call (JSON-able), then resets."""
 
+    # Optional: ``session()``, a context manager held around all the items a process
+    # encodes (e.g. a library environment that would cost more to set up per item).
+
+
+def _session(encoder: Encoder):
+    session = getattr(encoder, "session", None)
+    return session() if session is not None else contextlib.nullcontext()
+
 
 class ConversionError(RuntimeError):
     """An input could not be converted (``on_error='fail'``); the message names the file."""
@@ -337,6 +345,8 @@ def _init_worker(parent_pid: int, factory_pickle: bytes, progress_queue, cancel_
     _die_with_parent(parent_pid)
     # Unpickled only now: it imports the encoder's modules (TensorFlow), which takes seconds.
     _WORKER["encoder"] = pickle.loads(factory_pickle)()
+    _WORKER["session"] = _session(_WORKER["encoder"])
+    _WORKER["session"].__enter__()  # for the worker's life
     gc.freeze()  # `_frozen_gc`: the worker's imports are never garbage
     _WORKER["queue"] = progress_queue
     _WORKER["cancel"] = cancel_event
@@ -407,7 +417,7 @@ def write_shards(
     try:
         if num_workers <= 1 or len(todo) <= 1:
             encoder = encoder_factory()
-            with _frozen_gc():
+            with _frozen_gc(), _session(encoder):
                 for i in todo:
                     results[i] = _write_one(tasks[i], encoder, compression, on_error, bar.update, lambda: False)
         else:

@@ -87,6 +87,23 @@ def test_flair2_records_equal_their_sources(flair2_tree, flair2_records):
         assert list(rec["sentinel_dates"]) == [int(d.strftime("%Y%m%d")) for d in series.dates]
 
 
+def test_encoder_gives_the_same_records_in_and_out_of_a_session(flair2_tree, flair2_records):
+    """A conversion encodes inside `PatchEncoder.session` (GDAL's environment set once):
+    the records equal those encoded one by one, and equal the converted ones."""
+    tree = layout.discover(flair2_tree, "flair2")
+    items, _ = convert._work_items(tree, "val", {})
+    encoder = convert.EncoderFactory("flair2", P, 40)()
+    alone = [bytes(encoder.encode(it)) for it in items]
+    with encoder.session():
+        assert encoder._in_session == 1
+        inside = [bytes(encoder.encode(it)) for it in items]
+    assert encoder._in_session == 0
+    assert inside == alone
+    converted = sorted(r.numpy() for f in sorted(glob.glob(os.path.join(flair2_records, "flair2-val.tfrecord-*")))
+                       for r in tf.data.TFRecordDataset(f))
+    assert sorted(alone) == converted
+
+
 def test_dataset_info_counts_and_exact_statistics(flair2_tree, flair2_records):
     info = schema.load_dataset_info(flair2_records)
     assert info["task"] == "flair2" and info["schema_version"] == schema.SCHEMA_VERSION
