@@ -228,45 +228,22 @@ def rate_per_file(items, seconds: float, workers: int) -> dict[str, float]:
 # ------------------------------------------------------------------------------ tf.data
 
 
-def _best(results) -> dict[str, float]:
-    """The highest rate and the least CPU per example of several measurements."""
-    results = list(results)
-    return {"eps": max(m["eps"] for m in results), "cpu_ms": min(m["cpu_ms"] for m in results)}
-
-
-def _settle(step) -> None:
-    """Before a measurement: the other method's reader threads fill their buffers and stop
-    (0.5 s), then this one runs unmeasured for 1 s, past its own full buffers."""
-    time.sleep(0.5)
-    start = time.perf_counter()
-    while time.perf_counter() - start < 1.0:
-        step()
-
-
-def rate_pipeline(task: str, records: str):
-    """A function measuring the full training pipeline for some seconds (built once)."""
+def rate_pipeline(task: str, records: str, seconds: float) -> dict[str, float]:
     from flair_tf.data import pipeline, schema  # pylint: disable=g-import-not-at-top
 
     cfg = pipeline.PipelineConfig(task=task, augment=True, deterministic=_DETERMINISTIC.value)
     ds = pipeline.make_dataset(schema.shard_pattern(records, task, "train"), "train", cfg,
                                batch_size=_BATCH.value)
     it = iter(ds)
-    for _ in range(3):  # warm-up: tracing, shuffle buffer
+    _warm_up(lambda: next(it))
+    meter = Meter()
+    while meter.elapsed() < seconds:
         next(it)
-
-    def measure(seconds: float) -> dict[str, float]:
-        _settle(lambda: next(it))
-        meter = Meter()
-        while meter.elapsed() < seconds:
-            next(it)
-            meter.n += _BATCH.value
-        return meter.result()
-
-    return measure
+        meter.n += _BATCH.value
+    return meter.result()
 
 
-def rate_raw(files):
-    """A function measuring a bare TFRecordDataset over `files` for some seconds."""
+def rate_raw(files, seconds: float) -> dict[str, float]:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     from flair_tf.data import pipeline  # pylint: disable=g-import-not-at-top
 
@@ -274,16 +251,24 @@ def rate_raw(files):
     ds = tf.data.TFRecordDataset(files, buffer_size=pipeline.read_buffer_size(files[0]),
                                  num_parallel_reads=tf.data.AUTOTUNE).repeat().batch(64)
     it = iter(ds)
-    next(it)
+    _warm_up(lambda: next(it))
+    meter = Meter()
+    while meter.elapsed() < seconds:
+        meter.n += int(next(it).shape[0])
+    return meter.result()
 
-    def measure(seconds: float) -> dict[str, float]:
-        _settle(lambda: next(it))
-        meter = Meter()
-        while meter.elapsed() < seconds:
-            meter.n += int(next(it).shape[0])
-        return meter.result()
 
-    return measure
+def _warm_up(step, seconds: float = 1.0) -> None:
+    """Tracing, shuffle buffer, reader buffers: the first second is not measured."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        step()
+
+
+def _best(results) -> dict[str, float]:
+    """The highest rate and the least CPU per example of several measurements."""
+    results = list(results)
+    return {"eps": max(m["eps"] for m in results), "cpu_ms": min(m["cpu_ms"] for m in results)}
 
 
 def main(argv):
@@ -305,11 +290,12 @@ def main(argv):
             logging.info("%s: %d examples, %d shards", task, len(items), len(files))
             r = {"examples": len(items), "shards": len(files), "loader_workers": _WORKERS.value,
                  "rounds": _ROUNDS.value}
-            # Raw read and pipeline alternate in rounds of --seconds each: the ratio of a round
-            # compares two measurements seconds apart on a machine whose speed drifts with the
-            # other tenants' load; the median over the rounds is reported, and the best rates.
-            raw, pipe = rate_raw(files), rate_pipeline(task, records)
-            rounds = [(raw(_SECONDS.value), pipe(_SECONDS.value)) for _ in range(_ROUNDS.value)]
+            # Raw read and pipeline alternate in rounds of --seconds each (each built anew, one
+            # alive at a time): the ratio of a round compares two measurements seconds apart on
+            # a machine whose speed drifts with the other tenants' load; the median over the
+            # rounds is reported, and the best rates.
+            rounds = [(rate_raw(files, _SECONDS.value), rate_pipeline(task, records, _SECONDS.value))
+                      for _ in range(_ROUNDS.value)]
             each = [p["eps"] / w["eps"] for w, p in rounds]
             for name, m in (("raw_read", _best(w for w, _ in rounds)),
                             ("pipeline", _best(p for _, p in rounds)),
