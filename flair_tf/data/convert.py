@@ -3,9 +3,10 @@
 For each split: pair the files (`layout.discover`), attach each patch's metadata
 record and Sentinel centroid, order the patches, cut them into shards, and let
 `writer.write_shards` encode them in parallel with a `PatchEncoder`, which
-reads one patch at a time through `readers`, crops the Sentinel-2 super-patch
-(FLAIR #2), serializes it with `schema.encode` and accumulates exact
-statistics. The statistics of all shards are merged into ``dataset_info.json``.
+lays out one patch's record at a time (`schema.serialize`), has GDAL decode
+the rasters straight into it and copies the Sentinel-2 super-patch crop
+(FLAIR #2) into it, taking the georeferencing from `geotiff`, and accumulates
+exact statistics. The statistics of all shards are merged into ``dataset_info.json``.
 
 Record order: patches are ordered by a seeded hash (of the patch for FLAIR #1,
 of the zone for FLAIR #2, so that one worker crops all the patches of a zone
@@ -346,7 +347,9 @@ class PatchEncoder:
             if p.mask is not None:
                 mask = files.enter_context(readers.open_pixels(p.mask))
                 readers.check_mask_raster(mask, p.mask, size)
-            crs_wkt, transform = self._georef(p.image)
+            # A remote image is opened with its georeferencing (one request, not two).
+            crs_wkt, transform = (readers.georef_of(image) if readers.is_remote(p.image)
+                                  else self._georef(p.image))
             # GDAL decodes the bands straight into the record: R, G, B, NIR interleaved
             # (channels-last), then the elevation band from its block cache.
             aerial = schema.InPlace((size, size, 4), np.uint8,

@@ -89,12 +89,13 @@ class SentinelSeries:
     name: str = ""
 
 
-def _is_remote(path: str) -> bool:
+def is_remote(path: str) -> bool:
+    """True for paths GDAL and TensorFlow reach through a network file system (gs://...)."""
     return "://" in str(path)
 
 
 def _read_bytes(path: str) -> bytes:
-    if _is_remote(path):
+    if is_remote(path):
         import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
         with tf.io.gfile.GFile(path, "rb") as f:
@@ -154,7 +155,7 @@ def read_image(
     with _open_raster(path) as src:
         _check_raster(src, path, NUM_AERIAL_BANDS, size, "R,G,B,NIR,elevation")
         image = src.read()
-        georef = GeoRef(*_georef(src))
+        georef = GeoRef(*georef_of(src))
     if not channels_last:
         return image, georef
     return np.ascontiguousarray(np.transpose(image, (1, 2, 0))), georef
@@ -167,7 +168,7 @@ def open_pixels(path: str):
     lookup); `read_georef` and `geotiff.GeorefCache` give it once per file
     type. Remote paths are opened as usual.
     """
-    if _is_remote(path):
+    if is_remote(path):
         return _open_raster(path)
     import warnings  # pylint: disable=g-import-not-at-top
 
@@ -194,10 +195,11 @@ def check_mask_raster(src, path: str, size: int | None = DEFAULT_PATCH_SIZE) -> 
 def read_georef(path: str) -> tuple[str, tuple[float, ...]]:
     """``(crs_wkt, transform)`` of a GeoTIFF as GDAL reads them (a full open)."""
     with _open_raster(path) as src:
-        return _georef(src)
+        return georef_of(src)
 
 
-def _georef(src) -> tuple[str, tuple[float, ...]]:
+def georef_of(src) -> tuple[str, tuple[float, ...]]:
+    """``(crs_wkt, transform)`` of a raster opened with its georeferencing."""
     t = src.transform
     return (src.crs.to_wkt() if src.crs is not None else ""), (t.a, t.b, t.c, t.d, t.e, t.f)
 
@@ -397,7 +399,7 @@ def _parse_products(path: str, expected_length: int | None) -> tuple[list[dateti
 
 def _load_npy(path: str, mmap: bool) -> np.ndarray:
     try:
-        if _is_remote(path):
+        if is_remote(path):
             return np.load(io.BytesIO(_read_bytes(path)), allow_pickle=False)
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except FileNotFoundError as e:

@@ -434,8 +434,12 @@ def _frozen_gc():
     With TensorFlow imported a process holds about a million objects, which
     every full collection walks (about 0.2 s each, 0.4 ms per FLAIR #2 patch);
     encoding allocates enough to trigger one every few hundred patches.
-    Objects created meanwhile are collected as usual.
+    Objects created meanwhile are collected as usual. A process that froze
+    objects itself is left as it is (unfreezing would undo its freeze too).
     """
+    if gc.get_freeze_count():
+        yield
+        return
     gc.freeze()
     try:
         yield

@@ -104,6 +104,19 @@ def test_encoder_gives_the_same_records_in_and_out_of_a_session(flair2_tree, fla
     assert sorted(alone) == converted
 
 
+def test_remote_images_take_their_georeferencing_from_their_own_open(flair2_tree, monkeypatch):
+    """gs:// images are opened with their georeferencing once, not asked of GDAL a second time."""
+    tree = layout.discover(flair2_tree, "flair2")
+    items, _ = convert._work_items(tree, "val", {})
+    local = convert.EncoderFactory("flair2", P, 40)()
+    expected = [bytes(local.encode(it)) for it in items]
+    assert local._georef.gdal_opens == 1  # once per GeoKey set
+    monkeypatch.setattr(readers, "is_remote", lambda path: True)  # local files, read as if remote
+    remote = convert.EncoderFactory("flair2", P, 40)()
+    assert [bytes(remote.encode(it)) for it in items] == expected
+    assert remote._georef.gdal_opens == 0
+
+
 def test_dataset_info_counts_and_exact_statistics(flair2_tree, flair2_records):
     info = schema.load_dataset_info(flair2_records)
     assert info["task"] == "flair2" and info["schema_version"] == schema.SCHEMA_VERSION
