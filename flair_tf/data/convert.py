@@ -149,26 +149,8 @@ class Statistics:
         return sums, fold(sq.sum(axis=axis, dtype=np.uint64))
 
     @staticmethod
-    def _uint8_band_sums(bands: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """`_band_sums` of uint8 (C, H, W), about twice faster, still exact.
-
-        Sums accumulate in uint32 (exact below 16.8 M pixels per band) and the
-        squares (uint16) in uint32 over chunks of 65,536 pixels, whose sums stay
-        below 2**32; chunk totals are added in uint64.
-        """
-        rows = bands.reshape(bands.shape[0], -1)
-        if rows.shape[1] >= (1 << 32) // 255:
-            return Statistics._band_sums(bands, np.uint16, channels_last=False)
-        sums = rows.sum(axis=1, dtype=np.uint32).astype(np.uint64)
-        squares = np.square(rows, dtype=np.uint16)
-        sumsq = np.zeros(rows.shape[0], np.uint64)
-        for start in range(0, rows.shape[1], 1 << 16):
-            sumsq += squares[:, start:start + (1 << 16)].sum(axis=1, dtype=np.uint32)
-        return sums, sumsq
-
-    @staticmethod
     def _uint8_channels_last_sums(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """`_band_sums` of uint8 (H, W, C) channels-last, as fast as `_uint8_band_sums`, still exact.
+        """`_band_sums` of uint8 (H, W, C) channels-last, about twice faster, still exact.
 
         Rows of W*C values are added element-wise in uint32 (squares as uint16),
         exact below 66,052 rows; the W groups of C bands are folded in uint64.
@@ -196,7 +178,7 @@ class Statistics:
 
         Args:
           aerial: uint8 (P, P, 4) channels-last R, G, B, NIR.
-          elevation: uint8 (P, P).
+          elevation: uint8 (P, P, 1).
           classes: the label's `code_histogram` (256 counts), or None.
           domain: the patch's domain.
           sentinel: uint16 (T, S, S, 10) channels-last crop, or None.
@@ -204,7 +186,7 @@ class Statistics:
         self.num_examples += 1
         self.domains[domain] += 1
         sums, sumsq = self._uint8_channels_last_sums(aerial)
-        elevation_sums, elevation_sumsq = self._uint8_band_sums(elevation[None])
+        elevation_sums, elevation_sumsq = self._uint8_channels_last_sums(elevation)
         self.aerial_sum = [a + int(b) for a, b in zip(self.aerial_sum, [*sums, *elevation_sums])]
         self.aerial_sumsq = [a + int(b) for a, b in zip(self.aerial_sumsq, [*sumsq, *elevation_sumsq])]
         self.aerial_pixels += aerial.shape[0] * aerial.shape[1]
@@ -392,7 +374,7 @@ class PatchEncoder:
             classes = Statistics.code_histogram(label.array)
             if classes[:readers.MIN_CODE].any() or classes[readers.MAX_CODE + 1:].any():
                 readers.check_codes(label.array, p.mask)  # raises, listing the values
-        self._stats.add(aerial.array, elevation.array[..., 0], classes, p.domain,
+        self._stats.add(aerial.array, elevation.array, classes, p.domain,
                         None if sentinel is None else sentinel.array)
         return record
 

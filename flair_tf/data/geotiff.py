@@ -22,7 +22,6 @@ answer, so the result is always GDAL's.
 from __future__ import annotations
 
 import struct
-import threading
 from typing import Callable
 
 # TIFF tags (TIFF 6.0 and the GeoTIFF 1.1 standard).
@@ -121,7 +120,6 @@ class GeorefCache:
     def __init__(self, gdal_georef: GdalGeoref):
         self._gdal = gdal_georef
         self._wkt: dict[tuple, str | None] = {}  # GeoKey set -> WKT (None: GDAL disagreed once)
-        self._lock = threading.Lock()
         self.gdal_opens = 0  # how many files went to GDAL (tests, logs)
 
     def _ask_gdal(self, path: str) -> tuple[str, Transform]:
@@ -134,13 +132,10 @@ class GeorefCache:
         if parsed is None:
             return self._ask_gdal(path)
         key, transform = parsed
-        with self._lock:
-            known = key in self._wkt
-            wkt = self._wkt.get(key)
-        if known:
+        if key in self._wkt:
+            wkt = self._wkt[key]
             return (wkt, transform) if wkt is not None else self._ask_gdal(path)
         wkt, gdal_transform = self._ask_gdal(path)
         agrees = tuple(float(v) for v in gdal_transform) == transform
-        with self._lock:
-            self._wkt[key] = wkt if agrees else None
+        self._wkt[key] = wkt if agrees else None
         return wkt, tuple(gdal_transform)

@@ -153,7 +153,7 @@ def read_image(
       FlairDataError: wrong band count, dtype or size, or an unreadable file.
     """
     with _open_raster(path) as src:
-        _check_raster(src, path, NUM_AERIAL_BANDS, size, "R,G,B,NIR,elevation")
+        check_image_raster(src, path, size)
         image = src.read()
         georef = GeoRef(*georef_of(src))
     if not channels_last:
@@ -232,7 +232,7 @@ def read_mask(path: str, size: int | None = DEFAULT_PATCH_SIZE) -> np.ndarray:
         (the message lists the offending values).
     """
     with _open_raster(path) as src:
-        _check_raster(src, path, 1, size, "class codes")
+        check_mask_raster(src, path, size)
         mask = src.read(1)
     check_codes(mask, path)
     return mask

@@ -543,8 +543,6 @@ def decode(
     return out
 
 
-
-
 def _sliced_arrays(serialized: tf.Tensor, spec: RecordSpec, parsed: Mapping[str, tf.Tensor]) -> dict:
     """Builders of the slotted arrays of an "aligned64" record: slices of one copy of it.
 
