@@ -58,7 +58,7 @@ _SECONDS = flags.DEFINE_float("seconds", 10.0, "Measuring time of each method (p
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds of raw read then pipeline; the median ratio is reported.")
 _WARMUP = flags.DEFINE_float(
     "warmup_seconds", 3.0, "Unmeasured seconds of each method after its first element (the pipeline "
-    "reaches its steady rate about a second after it).")
+    "reaches its steady rate within a second of it).")
 _WORKERS = flags.DEFINE_integer("loader_workers", os.cpu_count() or 1,
                                 "Processes of the parallel per-file loader.")
 _DETERMINISTIC = flags.DEFINE_bool("deterministic", True, "PipelineConfig.deterministic.")
@@ -265,12 +265,12 @@ def rate_raw(files, seconds: float) -> dict[str, float]:
 def _warm_up(step) -> None:
     """Unmeasured start: the first element, then `--warmup_seconds` more.
 
-    The first element pays for tracing, XLA compilation and the shuffle-buffer
-    fill; after it the pipeline still runs at a fraction of its rate for about
-    a second (FLAIR #2, 0.25 s windows: 60, 24, 61, 85, then 533, 413, 373,
-    408 examples/s), which a 10 s measurement started there counted at up to
-    10% of its time. Training runs for hours at the steady rate, which is the
-    one measured.
+    The first element pays for tracing and the shuffle-buffer fill; XLA then
+    compiles the aerial program for each of the 8 moves the augmentation draws
+    (about 0.2 s each at 512 px), during which the pipeline runs slowly (FLAIR
+    #2 in 0.25 s windows: 63, then 409, 351, 345 examples/s). A 10 s round
+    started one second after building the pipeline counted that start-up.
+    Training runs for hours at the steady rate, which is the one measured.
     """
     step()
     seconds = _WARMUP.value

