@@ -7,7 +7,10 @@ Measured (random data, after warm-up steps that include tracing/compilation):
 
 * ``train_steps_per_s``: Keras ``train_on_batch`` (SGD, cross-entropy on every
   output) at ``--train_batch`` (2) images of ``--size`` (512) x 512 x 5;
-* ``infer_images_per_s``: ``predict_on_batch`` at ``--infer_batch`` (4) images;
+* ``infer_images_per_s``: ``predict_on_batch`` at ``--infer_batch`` (4) images, of
+  the inference model that ``flair_tf.evaluate`` / ``predict`` / ``export`` load:
+  BatchNorm folded into the convolutions (`flair_tf.models.folding`;
+  ``--nofold_batchnorm`` times the model as trained);
 * for U-T&T the Sentinel-2 input is 12 monthly dates of 40 x 40 x 10.
 
 Our models run under every combination of oneDNN (``TF_ENABLE_ONEDNN_OPTS``
@@ -53,6 +56,8 @@ flags.DEFINE_list("policies", ["float32"], "Keras dtype policies to time (e.g. f
                   "PyTorch ratio uses float32 only.")
 flags.DEFINE_list("configs", [], "Restrict to these oneDNN/XLA configurations (e.g. onednn1_xla0); default all.")
 flags.DEFINE_bool("torch", True, "Also time smp's U-Net in PyTorch when installed.")
+flags.DEFINE_bool("fold_batchnorm", True, "Time our inference on the model with its BatchNorm folded into the "
+                  "convolutions, as flair_tf.evaluate/predict/export run it (models.folding); False: as trained.")
 flags.DEFINE_integer("rounds", 5, "Head-to-head rounds (ours, then PyTorch, alternated); 0 skips it.")
 flags.DEFINE_string("_worker", None, "Internal: run one measurement (JSON spec) and print its JSON.")
 flags.DEFINE_string("_serve", None, "Internal: persistent worker of the head-to-head (JSON spec).")
@@ -73,6 +78,7 @@ def _keras_worker(spec):
     import numpy as np  # noqa: PLC0415
 
     from flair_tf.models import build_model  # noqa: PLC0415
+    from flair_tf.models.folding import fold_batchnorm  # noqa: PLC0415
     from flair_tf.training import optimizers  # noqa: PLC0415
 
     keras.mixed_precision.set_global_policy(spec.get("policy", "float32"))
@@ -98,7 +104,12 @@ def _keras_worker(spec):
     xt = batch(spec["train_batch"])
     yt = {k: rng.randint(0, 13, (spec["train_batch"], size, size)) for k in model.output}
     xi = batch(spec["infer_batch"])
-    return (lambda: model.train_on_batch(xt, yt)), (lambda: model.predict_on_batch(xi))
+    infer = model
+    if spec.get("fold", True):
+        # The inference model flair_tf.evaluate / predict / export run (model_io.load_model).
+        infer = fold_batchnorm(model)
+        infer.compile(jit_compile=spec["jit"])
+    return (lambda: model.train_on_batch(xt, yt)), (lambda: infer.predict_on_batch(xi))
 
 
 def _torch_worker(spec):
@@ -229,7 +240,8 @@ def main(argv):
         _serve(json.loads(FLAGS._serve))
         return
     common = {"size": FLAGS.size, "train_batch": FLAGS.train_batch, "infer_batch": FLAGS.infer_batch,
-              "steps": FLAGS.steps, "warmup": FLAGS.warmup, "num_dates": FLAGS.num_dates}
+              "steps": FLAGS.steps, "warmup": FLAGS.warmup, "num_dates": FLAGS.num_dates,
+              "fold": FLAGS.fold_batchnorm}
     report = {"benchmark": "models", "machine": platform.processor() or platform.machine(),
               "cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg(), **common}
     configs = {f"onednn{o}_xla{int(j)}": ({"TF_ENABLE_ONEDNN_OPTS": str(o)}, j) for o in (0, 1) for j in (False, True)}

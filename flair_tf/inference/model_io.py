@@ -84,8 +84,9 @@ def read_configs(model_dir: str) -> tuple[dict, dict]:
     return _read_json(os.path.join(model_dir, MODEL_CONFIG)), _read_json(os.path.join(model_dir, DATA_CONFIG))
 
 
-def load_model(model_dir: str | None, weights: str | None = None, any_size: bool = False) -> LoadedModel:
-    """Rebuilds the model of a training run and loads its weights.
+def load_model(model_dir: str | None, weights: str | None = None, any_size: bool = False,
+               fold_batchnorm: bool = True) -> LoadedModel:
+    """Rebuilds the model of a training run and loads its weights, for inference.
 
     Args:
       model_dir: the run's folder (local or ``gs://``); None takes the folder
@@ -95,6 +96,11 @@ def load_model(model_dir: str | None, weights: str | None = None, any_size: bool
       any_size: rebuild a U-Net without metadata with ``input_size=None`` so it
         takes tiles of any size (multiple of 32); the weights do not depend on
         the size. Other models keep their training size.
+      fold_batchnorm: return the inference copy of the model with its
+        BatchNorm layers folded into the preceding convolutions
+        (`flair_tf.models.folding`): the same outputs up to float rounding,
+        and faster (U-Net/ResNet34 about 4% on CPU). False keeps the model as
+        trained (e.g. to train on from it).
 
     Raises:
       FileNotFoundError: naming the missing file and how to produce it.
@@ -123,6 +129,10 @@ def load_model(model_dir: str | None, weights: str | None = None, any_size: bool
         build_config["input_size"] = None
     model = build_model(build_config)
     model.load_weights(_local_copy(weights))
+    if fold_batchnorm:
+        from flair_tf.models.folding import fold_batchnorm as fold
+
+        model = fold(model)
     logging.info("Loaded %s (%s, %s classes) from %s", model_config.get("arch"), model.name,
                  model_config.get("num_classes"), weights)
     return LoadedModel(model, model_config, data_config, weights, model_dir, any_size)

@@ -410,9 +410,13 @@ class Conv2D(keras.layers.Conv2D):
         # tf.split, not slices: its gradient is one concat (a slice's is a zero-filled full kernel).
         for x, kernel in zip(inputs, tf.split(self.kernel, self._splits, axis=2)):
             part = self.convolution_op(x, kernel)
-            outputs = part if outputs is None else outputs + part
-        if self.use_bias:
-            outputs = outputs + self.bias
+            if outputs is None:
+                # The bias joins the first part, as a BiasAdd: Grappler's oneDNN remapper then
+                # fuses conv + bias + the next part (+ a ReLU) into one convolution (an AddV2
+                # bias, or one added last, is left unfused; see models.folding).
+                outputs = tf.nn.bias_add(part, self.bias) if self.use_bias else part
+            else:
+                outputs = outputs + part
         return self.activation(outputs) if self.activation is not None else outputs
 
     def compute_output_shape(self, input_shape):

@@ -130,3 +130,19 @@ def test_missing_run_files_are_named(tmp_path, flair1_records):
     (tmp_path / "data_config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="best.weights.h5"):
         evaluate.evaluate(str(tmp_path), flair1_records, "val", progress=False)
+
+
+def test_load_model_folds_batchnorm_for_inference_by_default(unet13_run):
+    import keras
+
+    from flair_tf.inference import model_io
+    from flair_tf.models.folding import FoldedBatchNorm
+
+    folded = model_io.load_model(unet13_run).model
+    trained = model_io.load_model(unet13_run, fold_batchnorm=False).model
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
+    assert sum(isinstance(layer, FoldedBatchNorm) for layer in folded.layers) == 46
+    assert sum(isinstance(layer, keras.layers.BatchNormalization) for layer in trained.layers) == 46
+    x = {"aerial": np.random.default_rng(0).integers(0, 256, (2, 64, 64, 5), dtype=np.uint8)}
+    a, b = folded(x, training=False)["aerial"].numpy(), trained(x, training=False)["aerial"].numpy()
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
