@@ -310,12 +310,13 @@ def train(config: Mapping[str, Any] | None = None, strategy=None) -> dict[str, A
             input_keys, output_keys, repeat=bool(cfg["steps_per_epoch"]),
         )
 
-    val_ds, images = None, None
+    val_ds, images, val_steps = None, None, None
     if cfg["val_split"]:
         val_pattern = schema.shard_pattern(cfg["data_dir"], cfg["task"], cfg["val_split"])
         if not tf.io.gfile.glob(val_pattern):
             raise FileNotFoundError(f"No validation records match {val_pattern}; fix --val_split or pass --val_split=''.")
         val_batch = cfg["val_batch_size"] or cfg["batch_size"]
+        val_steps = _validation_pass_steps(info, cfg["val_split"], val_batch, strategy)
         val_ds = make_distributed_dataset(
             strategy, val_pattern, cfg["val_split"], data_config, val_batch, False, input_keys, output_keys, repeat=False
         )
@@ -384,7 +385,7 @@ def train(config: Mapping[str, Any] | None = None, strategy=None) -> dict[str, A
             warnings.filterwarnings("ignore", message="Your input ran out of data", category=UserWarning)
             model.fit(
                 train_dataset(epoch), validation_data=val_ds, epochs=epoch + 1, initial_epoch=epoch,
-                steps_per_epoch=steps_per_epoch, validation_steps=cfg["validation_steps"] or None,
+                steps_per_epoch=steps_per_epoch, validation_steps=cfg["validation_steps"] or val_steps,
                 callbacks=callbacks, verbose=verbose, shuffle=False,
             )
         epoch += 1
@@ -420,6 +421,27 @@ def _full_pass_steps(info, split, batch_size, strategy) -> int | None:
             "lower --batch_size."
         )
     return steps
+
+
+def _validation_pass_steps(info, split, batch_size, strategy) -> int | None:
+    """Steps of one padded pass over `split` (every example once), with one input pipeline.
+
+    Given to `fit` as ``validation_steps``. Left to find the end of a
+    distributed dataset itself, Keras counted one or two steps more, at random,
+    in the average it reports as ``val_loss`` (their loss is zero, their weight
+    the static batch size), so ``val_loss`` came out 10/11 or 10/12 of its value
+    on the same weights, and with it the best checkpoint and the schedule
+    changed from run to run. None (Keras finds the end) with several input
+    pipelines, as `_full_pass_steps`.
+    """
+    from flair_tf.data import pipeline
+
+    if _full_pass_steps(info, split, 1, strategy) is None:
+        return None
+    count = int(info["splits"][split]["num_examples"])
+    replicas = strategy.num_replicas_in_sync
+    local_batch = max(batch_size // replicas, 1)
+    return pipeline.padded_batches(count, local_batch, replicas) // replicas
 
 
 def _check_model_keys(model, input_keys, output_keys) -> None:

@@ -638,6 +638,17 @@ def make_dataset(file_pattern: str | Sequence[str], split: str, config: Pipeline
     return ds.prefetch(tf.data.AUTOTUNE if config.prefetch is None else config.prefetch)
 
 
+def padded_batches(num_examples: int, local_batch: int, replicas_per_pipeline: int = 1) -> int:
+    """Batches of an evaluation pipeline (``pad_final_batch``) that reads `num_examples`.
+
+    Every example once, in batches of `local_batch`, the count rounded up to a
+    multiple of the replicas the pipeline feeds (all-padding batches fill the
+    last group).
+    """
+    batches = math.ceil(num_examples / local_batch)
+    return math.ceil(batches / replicas_per_pipeline) * replicas_per_pipeline
+
+
 def _pad_and_batch(ds: tf.data.Dataset, local_batch: int, replicas_per_pipeline: int,
                    counts: list[int] | None, num_pipelines: int, file_level: bool,
                    num_files: int) -> tf.data.Dataset:
@@ -656,8 +667,7 @@ def _pad_and_batch(ds: tf.data.Dataset, local_batch: int, replicas_per_pipeline:
         else:
             total = sum(counts)
             per_pipeline = [len(range(p, total, num_pipelines)) for p in range(num_pipelines)]
-        steps = math.ceil(max(per_pipeline) / local_batch) if per_pipeline else 0
-        steps = math.ceil(steps / replicas_per_pipeline) * replicas_per_pipeline
+        steps = padded_batches(max(per_pipeline), local_batch, replicas_per_pipeline) if per_pipeline else 0
         logging.info("evaluation: %d batches per input pipeline (%d files)", steps, num_files)
         return ds.take(steps)
     logging.warning("dataset_info.json lists no counts for these files: the number of evaluation "
