@@ -400,21 +400,27 @@ def train(config: Mapping[str, Any] | None = None, strategy=None) -> dict[str, A
     return result
 
 
-def _full_pass_steps(info, split, batch_size, strategy) -> int | None:
-    """Batches in one pass over `split` (drop_remainder), when one input pipeline reads it all.
-
-    Given to `fit` so Keras knows the epoch length up front; None (Keras finds
-    out) with several input pipelines (multi-worker, TPU pods).
-    """
+def _single_pipeline_count(info, split, strategy) -> int | None:
+    """Examples of `split` (dataset_info.json) when one input pipeline reads them all, else None."""
     import tensorflow as tf
 
     count = (info.get("splits", {}).get(split) or {}).get("num_examples")
     multi_host = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or (
         isinstance(strategy, tf.distribute.TPUStrategy) and getattr(strategy.extended, "num_hosts", 1) > 1
     )
-    if not count or multi_host:
+    return None if not count or multi_host else int(count)
+
+
+def _full_pass_steps(info, split, batch_size, strategy) -> int | None:
+    """Batches in one pass over `split` (drop_remainder), when one input pipeline reads it all.
+
+    Given to `fit` so Keras knows the epoch length up front; None (Keras finds
+    out) with several input pipelines (multi-worker, TPU pods).
+    """
+    count = _single_pipeline_count(info, split, strategy)
+    if count is None:
         return None
-    steps = int(count) // batch_size
+    steps = count // batch_size
     if steps < 1:
         raise ValueError(
             f"The {split} split has {count} examples, fewer than one batch of --batch_size={batch_size}; "
@@ -432,13 +438,13 @@ def _validation_pass_steps(info, split, batch_size, strategy) -> int | None:
     the static batch size), so ``val_loss`` came out 10/11 or 10/12 of its value
     on the same weights, and with it the best checkpoint and the schedule
     changed from run to run. None (Keras finds the end) with several input
-    pipelines, as `_full_pass_steps`.
+    pipelines or without a count, as `_full_pass_steps`.
     """
     from flair_tf.data import pipeline
 
-    if _full_pass_steps(info, split, 1, strategy) is None:
+    count = _single_pipeline_count(info, split, strategy)
+    if count is None:
         return None
-    count = int(info["splits"][split]["num_examples"])
     replicas = strategy.num_replicas_in_sync
     local_batch = max(batch_size // replicas, 1)
     return pipeline.padded_batches(count, local_batch, replicas) // replicas

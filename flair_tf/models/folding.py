@@ -8,7 +8,7 @@ function (up to float rounding) with one op less per block, and on CPU it lets
 Grappler's oneDNN remapper fuse what follows into the convolution as well: the
 bias and ReLU, and in the ResNet blocks the residual addition (``Conv + BiasAdd
 + Add + ReLU``, which it has no pattern for while a BatchNorm sits between).
-U-Net/ResNet34 inference at 512 px is about 7% faster on CPU (docs/models.md).
+U-Net/ResNet34 inference at 512 px is about 4% faster on CPU (docs/models.md).
 
 `fold_batchnorm` builds such a model from a trained one: same inputs, outputs
 and layer names, the folded BatchNorm layers replaced by `FoldedBatchNorm`
@@ -77,13 +77,14 @@ def foldable_pairs(model: keras.Model) -> dict[str, str]:
 
 def _folded_weights(conv: keras.layers.Layer, bn: keras.layers.Layer) -> list[np.ndarray]:
     """[kernel * s, s * (bias - mean) + beta] in float64 arithmetic, stored in the kernel's dtype."""
-    kernel = np.asarray(keras.ops.convert_to_numpy(conv.kernel), np.float64)
-    bias = (np.asarray(keras.ops.convert_to_numpy(conv.bias), np.float64) if conv.use_bias
-            else np.zeros(kernel.shape[-1]))
-    mean = np.asarray(keras.ops.convert_to_numpy(bn.moving_mean), np.float64)
-    var = np.asarray(keras.ops.convert_to_numpy(bn.moving_variance), np.float64)
-    gamma = np.asarray(keras.ops.convert_to_numpy(bn.gamma), np.float64) if bn.scale else np.ones_like(mean)
-    beta = np.asarray(keras.ops.convert_to_numpy(bn.beta), np.float64) if bn.center else np.zeros_like(mean)
+    def f64(variable):
+        return np.asarray(keras.ops.convert_to_numpy(variable), np.float64)
+
+    kernel = f64(conv.kernel)
+    bias = f64(conv.bias) if conv.use_bias else np.zeros(kernel.shape[-1])
+    mean, var = f64(bn.moving_mean), f64(bn.moving_variance)
+    gamma = f64(bn.gamma) if bn.scale else np.ones_like(mean)
+    beta = f64(bn.beta) if bn.center else np.zeros_like(mean)
     s = gamma / np.sqrt(var + bn.epsilon)
     dtype = keras.backend.standardize_dtype(conv.kernel.dtype)
     return [(kernel * s).astype(dtype), (s * (bias - mean) + beta).astype(dtype)]
