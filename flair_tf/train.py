@@ -316,7 +316,7 @@ def train(config: Mapping[str, Any] | None = None, strategy=None) -> dict[str, A
         if not tf.io.gfile.glob(val_pattern):
             raise FileNotFoundError(f"No validation records match {val_pattern}; fix --val_split or pass --val_split=''.")
         val_batch = cfg["val_batch_size"] or cfg["batch_size"]
-        val_steps = _validation_pass_steps(info, cfg["val_split"], val_batch, strategy)
+        val_steps = _validation_pass_steps(val_pattern, cfg["val_split"], data_config, val_batch, strategy)
         val_ds = make_distributed_dataset(
             strategy, val_pattern, cfg["val_split"], data_config, val_batch, False, input_keys, output_keys, repeat=False
         )
@@ -429,25 +429,41 @@ def _full_pass_steps(info, split, batch_size, strategy) -> int | None:
     return steps
 
 
-def _validation_pass_steps(info, split, batch_size, strategy) -> int | None:
-    """Steps of one padded pass over `split` (every example once), with one input pipeline.
+def _num_input_pipelines(strategy) -> int | None:
+    """Input pipelines `distribute_datasets_from_function` runs under `strategy` (one per host).
+
+    None if the strategy does not say (then nothing is counted up front).
+    """
+    import tensorflow as tf
+
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        # The count its InputContext carries (chief and workers); there is no public accessor.
+        count = getattr(strategy.extended, "_num_workers", None)
+    elif isinstance(strategy, tf.distribute.TPUStrategy):
+        count = getattr(strategy.extended, "num_hosts", None)
+    else:
+        count = 1
+    return None if count is None else int(count)
+
+
+def _validation_pass_steps(pattern, split, data_config, batch_size, strategy) -> int | None:
+    """Steps of one padded pass over `split` (every example once), on any number of hosts.
 
     Given to `fit` as ``validation_steps``. Left to find the end of a
     distributed dataset itself, Keras counted one or two steps more, at random,
     in the average it reports as ``val_loss`` (their loss is zero, their weight
     the static batch size), so ``val_loss`` came out 10/11 or 10/12 of its value
     on the same weights, and with it the best checkpoint and the schedule
-    changed from run to run. None (Keras finds the end) with several input
-    pipelines or without a count, as `_full_pass_steps`.
+    changed from run to run. The count comes from dataset_info.json's per-shard
+    counts (`pipeline.evaluation_steps`, the padding's own arithmetic); None
+    (Keras finds the end) without them, or if the strategy hides its host count.
     """
     from flair_tf.data import pipeline
 
-    count = _single_pipeline_count(info, split, strategy)
-    if count is None:
+    pipelines = _num_input_pipelines(strategy)
+    if pipelines is None:
         return None
-    replicas = strategy.num_replicas_in_sync
-    local_batch = max(batch_size // replicas, 1)
-    return pipeline.padded_batches(count, local_batch, replicas) // replicas
+    return pipeline.evaluation_steps(pattern, split, data_config, batch_size, pipelines, strategy.num_replicas_in_sync)
 
 
 def _check_model_keys(model, input_keys, output_keys) -> None:

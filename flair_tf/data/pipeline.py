@@ -649,6 +649,56 @@ def padded_batches(num_examples: int, local_batch: int, replicas_per_pipeline: i
     return math.ceil(batches / replicas_per_pipeline) * replicas_per_pipeline
 
 
+def _pipeline_batches(counts: Sequence[int], num_pipelines: int, file_level: bool, local_batch: int,
+                      replicas_per_pipeline: int) -> int:
+    """Batches every evaluation pipeline yields: enough for the one that reads the most examples."""
+    if file_level:
+        per_pipeline = [sum(counts[p::num_pipelines]) for p in range(num_pipelines)]
+    else:
+        total = sum(counts)
+        per_pipeline = [len(range(p, total, num_pipelines)) for p in range(num_pipelines)]
+    return padded_batches(max(per_pipeline), local_batch, replicas_per_pipeline) if per_pipeline else 0
+
+
+def evaluation_steps(file_pattern: str | Sequence[str], split: str, config: PipelineConfig,
+                     batch_size: int, num_input_pipelines: int = 1,
+                     num_replicas_in_sync: int = 1) -> int | None:
+    """Distributed steps of one evaluation pass (``make_dataset(..., pad_final_batch=True)``).
+
+    A step takes one batch per replica, so this is the number of batches each
+    input pipeline yields over the replicas it feeds; it is the same on every
+    host (the pipeline that reads the most examples sets it, the others pad).
+    Counting it up front lets a caller stop after exactly one pass, rather than
+    find the end of a distributed dataset, which Keras does at the cost of
+    empty steps in its averages.
+
+    Args:
+      file_pattern, split, config: as for `make_dataset` (only `config.task` matters).
+      batch_size: the GLOBAL batch size.
+      num_input_pipelines: input pipelines (hosts) the strategy runs.
+      num_replicas_in_sync: replicas over all of them.
+
+    Returns:
+      The step count, or None when dataset_info.json lacks per-shard counts
+      for these files (the pipelines then stop at their first all-padding
+      group of batches, and may not agree).
+    """
+    if num_input_pipelines < 1 or num_replicas_in_sync % num_input_pipelines:
+        raise ValueError(f"{num_replicas_in_sync} replicas do not divide among {num_input_pipelines} "
+                         "input pipelines")
+    files = resolve_files(file_pattern, config.task, split)
+    counts = _shard_counts(schema.load_dataset_info(posixpath.dirname(files[0])), files)
+    if counts is None:
+        return None
+    # As make_dataset: InputContext's per-replica batch, and its file- or example-level sharding.
+    context = tf.distribute.InputContext(num_input_pipelines, 0, num_replicas_in_sync)
+    replicas_per_pipeline = num_replicas_in_sync // num_input_pipelines
+    local_batch = context.get_per_replica_batch_size(batch_size)
+    file_level = num_input_pipelines == 1 or len(files) >= num_input_pipelines
+    batches = _pipeline_batches(counts, num_input_pipelines, file_level, local_batch, replicas_per_pipeline)
+    return batches // replicas_per_pipeline
+
+
 def _pad_and_batch(ds: tf.data.Dataset, local_batch: int, replicas_per_pipeline: int,
                    counts: list[int] | None, num_pipelines: int, file_level: bool,
                    num_files: int) -> tf.data.Dataset:
@@ -662,12 +712,7 @@ def _pad_and_batch(ds: tf.data.Dataset, local_batch: int, replicas_per_pipeline:
     ds = ds.concatenate(padding.repeat())  # filler examples have valid == False
     ds = ds.batch(local_batch, drop_remainder=True)
     if counts is not None:
-        if file_level:
-            per_pipeline = [sum(counts[p::num_pipelines]) for p in range(num_pipelines)]
-        else:
-            total = sum(counts)
-            per_pipeline = [len(range(p, total, num_pipelines)) for p in range(num_pipelines)]
-        steps = padded_batches(max(per_pipeline), local_batch, replicas_per_pipeline) if per_pipeline else 0
+        steps = _pipeline_batches(counts, num_pipelines, file_level, local_batch, replicas_per_pipeline)
         logging.info("evaluation: %d batches per input pipeline (%d files)", steps, num_files)
         return ds.take(steps)
     logging.warning("dataset_info.json lists no counts for these files: the number of evaluation "

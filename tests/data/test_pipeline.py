@@ -205,12 +205,13 @@ def test_training_batches_static_seeded_and_augmented(records):
 def test_sharding_per_input_pipeline(records):
     directory, examples = records["flair1", "val"]  # 3 files
     cfg = pl.PipelineConfig()
-    for pipelines in (2, 4):  # file-level, then (fewer files than pipelines) example-level
+    # file-level, then (fewer files than pipelines) example-level; then 2 replicas per pipeline
+    for pipelines, replicas in ((2, 2), (4, 4), (2, 4)):
         ids, steps = [], set()
         for p in range(pipelines):
             ctx = tf.distribute.InputContext(num_input_pipelines=pipelines, input_pipeline_id=p,
-                                             num_replicas_in_sync=pipelines)
-            ds = pl.make_dataset(directory, "val", cfg, batch_size=2 * pipelines,
+                                             num_replicas_in_sync=replicas)
+            ds = pl.make_dataset(directory, "val", cfg, batch_size=2 * replicas,
                                  input_context=ctx, pad_final_batch=True)
             assert ds.element_spec[0]["aerial"].shape[0] == 2
             ids_p = eval_ids(ds)
@@ -218,6 +219,12 @@ def test_sharding_per_input_pipeline(records):
             ids += ids_p
         assert sorted(ids) == sorted(examples), pipelines
         assert len(steps) == 1  # every host runs the same number of evaluation steps
+        # ... which evaluation_steps counts up front: one batch per replica per step
+        per_pipeline = replicas // pipelines
+        assert pl.evaluation_steps(directory, "val", cfg, 2 * replicas, pipelines, replicas) \
+            == steps.pop() // per_pipeline, (pipelines, replicas)
+    with pytest.raises(ValueError, match="do not divide"):
+        pl.evaluation_steps(directory, "val", cfg, 8, 3, 4)
 
 
 def test_training_shards_are_disjoint(records):
@@ -261,6 +268,8 @@ def test_evaluation_padding_without_shard_counts(tmp_path):
     ds = pl.make_dataset(str(tmp_path), "val", pl.PipelineConfig(), 6, input_context=ctx,
                          pad_final_batch=True)
     assert [int(f["valid"].sum()) for f, _ in batches(ds)] == [3, 3, 1, 0]
+    # Without counts the number of steps is not known up front.
+    assert pl.evaluation_steps(str(tmp_path), "val", pl.PipelineConfig(), 6, 1, 2) is None
 
 
 # ------------------------------------------------------------------------------ flair2

@@ -183,3 +183,29 @@ def test_val_loss_under_mirrored_strategy_is_the_loss_over_the_validation_split(
     code = _VAL_LOSS.replace("ROOT", repr(str(tmp_path / "run"))).replace("DATA", repr(flair1_records))
     out = snippet.json(code, logical_cpus=2, timeout=600)
     assert out["val_loss"] == pytest.approx(out["expected"], rel=5e-3)
+
+
+_PIPELINES = r"""
+import json
+import tensorflow as tf
+from flair_tf import train
+from flair_tf.data import pipeline, schema
+mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+multi_worker = tf.distribute.MultiWorkerMirroredStrategy()  # no TF_CONFIG: one worker
+out = {"default": train._num_input_pipelines(tf.distribute.get_strategy()),
+       "mirrored": train._num_input_pipelines(mirrored),
+       "multi_worker": train._num_input_pipelines(multi_worker)}
+pattern, config = schema.shard_pattern(DATA, "flair1", "val"), pipeline.PipelineConfig()
+steps = train._validation_pass_steps(pattern, "val", config, 6, mirrored)
+ds = train.make_distributed_dataset(mirrored, pattern, "val", config, 6, False, ["aerial"], ["aerial"], False)
+out["steps"], out["batches"] = steps, sum(1 for _ in ds)
+print(json.dumps(out))
+"""
+
+
+def test_validation_steps_count_one_pass_per_input_pipeline(flair1_records, snippet):
+    """The host count comes from the strategy (MultiWorkerMirroredStrategy keeps it private:
+    if that attribute goes, this fails rather than multi-worker runs silently counting one host)."""
+    out = snippet.json(_PIPELINES.replace("DATA", repr(flair1_records)), logical_cpus=2, timeout=300)
+    assert out["default"] == out["mirrored"] == out["multi_worker"] == 1
+    assert out["steps"] == out["batches"] > 0
