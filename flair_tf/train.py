@@ -400,27 +400,20 @@ def train(config: Mapping[str, Any] | None = None, strategy=None) -> dict[str, A
     return result
 
 
-def _single_pipeline_count(info, split, strategy) -> int | None:
-    """Examples of `split` (dataset_info.json) when one input pipeline reads them all, else None."""
-    import tensorflow as tf
-
-    count = (info.get("splits", {}).get(split) or {}).get("num_examples")
-    multi_host = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or (
-        isinstance(strategy, tf.distribute.TPUStrategy) and getattr(strategy.extended, "num_hosts", 1) > 1
-    )
-    return None if not count or multi_host else int(count)
-
-
 def _full_pass_steps(info, split, batch_size, strategy) -> int | None:
     """Batches in one pass over `split` (drop_remainder), when one input pipeline reads it all.
 
     Given to `fit` so Keras knows the epoch length up front; None (Keras finds
-    out) with several input pipelines (multi-worker, TPU pods).
+    out) with several input pipelines (TPU pods), and under any
+    MultiWorkerMirroredStrategy.
     """
-    count = _single_pipeline_count(info, split, strategy)
-    if count is None:
+    import tensorflow as tf
+
+    count = (info.get("splits", {}).get(split) or {}).get("num_examples")
+    if not count or isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) \
+            or _num_input_pipelines(strategy) != 1:
         return None
-    steps = count // batch_size
+    steps = int(count) // batch_size
     if steps < 1:
         raise ValueError(
             f"The {split} split has {count} examples, fewer than one batch of --batch_size={batch_size}; "

@@ -638,26 +638,23 @@ def make_dataset(file_pattern: str | Sequence[str], split: str, config: Pipeline
     return ds.prefetch(tf.data.AUTOTUNE if config.prefetch is None else config.prefetch)
 
 
-def padded_batches(num_examples: int, local_batch: int, replicas_per_pipeline: int = 1) -> int:
-    """Batches of an evaluation pipeline (``pad_final_batch``) that reads `num_examples`.
+def _pipeline_batches(counts: Sequence[int], num_pipelines: int, file_level: bool, local_batch: int,
+                      replicas_per_pipeline: int) -> int:
+    """Batches every evaluation pipeline yields: enough for the one that reads the most examples.
 
     Every example once, in batches of `local_batch`, the count rounded up to a
     multiple of the replicas the pipeline feeds (all-padding batches fill the
     last group).
     """
-    batches = math.ceil(num_examples / local_batch)
-    return math.ceil(batches / replicas_per_pipeline) * replicas_per_pipeline
-
-
-def _pipeline_batches(counts: Sequence[int], num_pipelines: int, file_level: bool, local_batch: int,
-                      replicas_per_pipeline: int) -> int:
-    """Batches every evaluation pipeline yields: enough for the one that reads the most examples."""
     if file_level:
         per_pipeline = [sum(counts[p::num_pipelines]) for p in range(num_pipelines)]
     else:
         total = sum(counts)
         per_pipeline = [len(range(p, total, num_pipelines)) for p in range(num_pipelines)]
-    return padded_batches(max(per_pipeline), local_batch, replicas_per_pipeline) if per_pipeline else 0
+    if not per_pipeline:
+        return 0
+    batches = math.ceil(max(per_pipeline) / local_batch)
+    return math.ceil(batches / replicas_per_pipeline) * replicas_per_pipeline
 
 
 def evaluation_steps(file_pattern: str | Sequence[str], split: str, config: PipelineConfig,
