@@ -298,7 +298,9 @@ def train(config: Mapping[str, Any] | None = None, strategy=None) -> dict[str, A
             f"No training records match {train_pattern}; convert the data with "
             "tools/convert_to_tfrecords.py or fix --data_dir / --train_split."
         )
-    steps_per_epoch = cfg["steps_per_epoch"] or _full_pass_steps(info, cfg["train_split"], cfg["batch_size"], strategy)
+    steps_per_epoch, repeat = _training_epoch(info, cfg["train_split"], cfg["batch_size"], strategy)
+    if cfg["steps_per_epoch"]:
+        steps_per_epoch, repeat = cfg["steps_per_epoch"], True
 
     def train_dataset(epoch: int):
         # Each epoch reads a pipeline seeded by (seed, epoch): its file order,
@@ -307,7 +309,7 @@ def train(config: Mapping[str, Any] | None = None, strategy=None) -> dict[str, A
         epoch_config = dataclasses.replace(data_config, seed=cfg["seed"] + 1000003 * epoch)
         return make_distributed_dataset(
             strategy, train_pattern, cfg["train_split"], epoch_config, cfg["batch_size"], True,
-            input_keys, output_keys, repeat=bool(cfg["steps_per_epoch"]),
+            input_keys, output_keys, repeat=repeat,
         )
 
     val_ds, images, val_steps = None, None, None
@@ -380,8 +382,8 @@ def train(config: Mapping[str, Any] | None = None, strategy=None) -> dict[str, A
     epoch = initial_epoch
     while epoch < cfg["epochs"] and not (early is not None and early.stopped_epoch is not None):
         with warnings.catch_warnings():
-            # Keras warns whenever a dataset of unknown length ends an epoch (validation, and
-            # training with several input pipelines): the expected end of a pass here.
+            # Keras warns whenever a dataset of unknown length ends an epoch (a split that
+            # dataset_info.json does not count): the expected end of a pass here.
             warnings.filterwarnings("ignore", message="Your input ran out of data", category=UserWarning)
             model.fit(
                 train_dataset(epoch), validation_data=val_ds, epochs=epoch + 1, initial_epoch=epoch,
@@ -400,26 +402,31 @@ def train(config: Mapping[str, Any] | None = None, strategy=None) -> dict[str, A
     return result
 
 
-def _full_pass_steps(info, split, batch_size, strategy) -> int | None:
-    """Batches in one pass over `split` (drop_remainder), when one input pipeline reads it all.
+def _training_epoch(info, split, batch_size, strategy) -> tuple[int | None, bool]:
+    """Steps of one training epoch over `split`, and whether each input pipeline repeats.
 
-    Given to `fit` so Keras knows the epoch length up front; None (Keras finds
-    out) with several input pipelines (TPU pods), and under any
-    MultiWorkerMirroredStrategy.
+    One input pipeline: the batches of one pass (drop_remainder) over a finite dataset.
+    Several (TPU pods; MultiWorkerMirroredStrategy): each host reads its own files, whose
+    example counts differ, so a finite pass would end on one host before the others, which
+    then run their last steps with empty batches there (a TPU pod cannot run them at all).
+    So each host repeats its share and the epoch is ``num_examples // batch_size`` steps:
+    every batch full on every host, and a host that is a few examples short starts its next
+    pass early. (None, False) when dataset_info.json does not count the split.
     """
     import tensorflow as tf
 
     count = (info.get("splits", {}).get(split) or {}).get("num_examples")
-    if not count or isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) \
-            or _num_input_pipelines(strategy) != 1:
-        return None
+    if not count:
+        return None, False
     steps = int(count) // batch_size
     if steps < 1:
         raise ValueError(
             f"The {split} split has {count} examples, fewer than one batch of --batch_size={batch_size}; "
             "lower --batch_size."
         )
-    return steps
+    several = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) \
+        or _num_input_pipelines(strategy) != 1
+    return steps, several
 
 
 def _num_input_pipelines(strategy) -> int | None:

@@ -1,13 +1,12 @@
 """Strategy selection, absent-hardware errors, precision and steps_per_execution checks."""
 
 import json
-import os
 
 import keras
 import pytest
 import tensorflow as tf
 
-from training_helpers import last_json, run_python
+from training_helpers import free_ports, last_json, run_cluster, run_python, tf_config
 from flair_tf.training import precision, strategy
 
 
@@ -19,7 +18,7 @@ def test_tpu_on_a_cpu_machine_says_what_to_do():
     assert "tensorflow-tpu" in msg and "--strategy=default" in msg
 
 
-def test_unknown_strategy_and_missing_tf_config(monkeypatch):
+def test_unknown_strategy_and_missingtf_config(monkeypatch):
     with pytest.raises(ValueError, match="--strategy must be one of default, one_device, mirrored"):
         strategy.get_strategy("horovod")
     monkeypatch.delenv("TF_CONFIG", raising=False)
@@ -103,26 +102,9 @@ def test_keras_still_fails_steps_per_execution_under_mirrored(mirrored_probe):
     assert mirrored_probe["fit"] == "KERAS_BUG placeholder", mirrored_probe["fit"]
 
 
-def _free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _tf_config(ports: list[int], index: int) -> str:
-    return json.dumps({"cluster": {"worker": [f"localhost:{p}" for p in ports]},
-                       "task": {"type": "worker", "index": index}})
-
-
 def test_multi_worker_refuses_several_workers_before_starting(monkeypatch):
     """No server starts, no worker waits for the others: the error comes at once."""
-    monkeypatch.setenv("TF_CONFIG", _tf_config([12345, 12346], 1))
+    monkeypatch.setenv("TF_CONFIG", tf_config([12345, 12346], 1))
     with pytest.raises(RuntimeError) as e:
         strategy.get_strategy("multi_worker")
     msg = str(e.value)
@@ -156,7 +138,7 @@ def test_multi_worker_with_one_worker_trains(tmp_path, flair1_records):
     `get_strategy` listed the logical GPUs first, for every strategy, and did that.
     """
     code = _ONE_WORKER.replace("ROOT", repr(str(tmp_path / "run"))).replace("DATA", repr(flair1_records))
-    out = last_json(run_python(code, timeout=300, env={"TF_CONFIG": _tf_config(_free_ports(1), 0)}))
+    out = last_json(run_python(code, timeout=300, env={"TF_CONFIG": tf_config(free_ports(1), 0)}))
     assert out["replicas"] == 1 and out["epochs"] == 1 and out["loss"] == out["loss"]
 
 
@@ -185,23 +167,8 @@ def test_keras_still_fails_fit_under_multi_worker_with_two_workers():
     Keras has fixed keras-team/keras#20585: lift the refusal (`strategy._check_one_worker`)
     and make the callbacks' reads of distributed variables run on every worker.
     """
-    import subprocess
-    import sys
-
-    ports = _free_ports(2)
-    procs = [subprocess.Popen(
-        [sys.executable, "-c", _TWO_WORKER_FIT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_CONFIG": _tf_config(ports, i)})
-        for i in range(2)]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=180))
-    finally:
-        for p in procs:
-            p.kill()
     fits = []
-    for stdout, stderr in outs:
+    for _, stdout, stderr in run_cluster(_TWO_WORKER_FIT, 2):
         lines = [l for l in stdout.splitlines() if l.startswith("{")]
         fits.append(json.loads(lines[-1])["fit"] if lines else "NO OUTPUT " + stderr[-1500:])
     assert not any(f == "FIT_OK" for f in fits), fits

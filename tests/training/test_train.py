@@ -2,9 +2,10 @@
 
 import json
 import os
+import subprocess
 
 import pytest
-from training_helpers import event_tags
+from training_helpers import event_tags, last_json, run_cluster
 
 from flair_tf import flags as flair_flags
 from flair_tf import train as train_lib
@@ -209,3 +210,73 @@ def test_validation_steps_count_one_pass_per_input_pipeline(flair1_records, snip
     out = snippet.json(_PIPELINES.replace("DATA", repr(flair1_records)), logical_cpus=2, timeout=300)
     assert out["default"] == out["mirrored"] == out["multi_worker"] == 1
     assert out["steps"] == out["batches"] > 0
+
+
+_CLUSTER_INPUT = r"""
+import json
+import tensorflow as tf
+from flair_tf import train
+from flair_tf.data import pipeline, schema
+strategy = tf.distribute.MultiWorkerMirroredStrategy()
+config = pipeline.PipelineConfig(task="flair1")
+out = {"pipelines": train._num_input_pipelines(strategy), "replicas": strategy.num_replicas_in_sync}
+pattern = schema.shard_pattern(DATA, "flair1", "val")
+ds = strategy.distribute_datasets_from_function(lambda ctx: pipeline.make_dataset(
+    pattern, "val", config, 4, input_context=ctx, training=False, pad_final_batch=True, repeat=False))
+ids, steps = [], 0
+for features, _ in ds:  # a finite distributed dataset: the workers agree on its end
+    steps += 1
+    for f in strategy.experimental_local_results(features):
+        ids += [i.decode() for i, v in zip(f["patch_id"].numpy(), f["valid"].numpy()) if v]
+out["val"] = {"steps": steps, "ids": ids,
+              "counted": train._validation_pass_steps(pattern, "val", config, 4, strategy)}
+# Training: one finite pass, then the epoch train runs.
+pattern = schema.shard_pattern(DATA, "flair1", "train")
+info = schema.load_dataset_info(DATA)
+steps, repeat = train._training_epoch(info, "train", 4, strategy)
+out["train"] = {"steps": steps, "repeat": repeat}
+for name, rep in (("finite", False), ("epoch", repeat)):
+    ds = train.make_distributed_dataset(strategy, pattern, "train", config, 4, True, ["aerial"], ["aerial"], rep)
+    sizes = []
+    for k, (features, _) in enumerate(ds):
+        if rep and k == steps:
+            break
+        sizes += [int(t.shape[0]) for t in strategy.experimental_local_results(features["aerial"])]
+    out["train"][name] = sizes
+print(json.dumps(out))
+"""
+
+
+def test_two_worker_cluster_validates_every_example_once_and_trains_full_batches(tmp_path, flair1_tree):
+    """Two local processes form a real two-worker cluster (MultiWorkerMirroredStrategy).
+
+    Each worker is an input pipeline reading its own files. The validation split is made of
+    3 shards of 3, 2 and 3 examples, so one worker holds 6 examples and the other 2: the
+    padded evaluation must still give both the same number of steps (counted up front from
+    the per-shard counts), and every example exactly once over the cluster.
+    """
+    from flair_tf.data import convert, schema
+
+    records = str(tmp_path / "records")
+    convert.convert(convert.ConvertOptions(
+        task="flair1", data_root=flair1_tree, output_dir=records, patch_size=64, num_workers=1,
+        min_shards=3, show_progress=False, command_line="test"))
+    info = schema.load_dataset_info(records)
+    shard_sizes = sorted(s["num_examples"] for s in info["splits"]["val"]["shards"])
+    assert shard_sizes == [2, 3, 3], shard_sizes  # the uneven split this test is about
+    results = run_cluster(_CLUSTER_INPUT.replace("DATA", repr(records)), 2, timeout=240)
+    outs = [last_json(subprocess.CompletedProcess([], rc, so, se)) for rc, so, se in results]
+    assert [o["pipelines"] for o in outs] == [2, 2] and [o["replicas"] for o in outs] == [2, 2]
+    val = [o["val"] for o in outs]
+    # 6 examples on one worker in batches of 2 (global 4 over 2 replicas): 3 steps everywhere.
+    assert val[0]["steps"] == val[1]["steps"] == val[0]["counted"] == val[1]["counted"] == 3
+    seen = val[0]["ids"] + val[1]["ids"]
+    assert sorted(seen) == sorted(set(seen)) and len(seen) == info["splits"]["val"]["num_examples"]
+    # Training: the shares are uneven too (3 shards of 8 examples: 16 and 8). A finite pass
+    # gives the short worker empty batches while the other still trains (a TPU pod could not
+    # run them); the epoch train runs repeats each share for 24 // 4 = 6 full steps.
+    train = [o["train"] for o in outs]
+    assert train[0]["steps"] == train[1]["steps"] == 6 and train[0]["repeat"] and train[1]["repeat"]
+    assert sorted(len(t["finite"]) for t in train) == [8, 8]
+    assert sorted(t["finite"].count(0) for t in train) == [0, 4]
+    assert [t["epoch"] for t in train] == [[2] * 6, [2] * 6]

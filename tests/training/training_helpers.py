@@ -33,6 +33,49 @@ def run_python(code: str, logical_cpus: int = 0, timeout: float = 600, env: dict
     )
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` local TCP ports free at the time of the call."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def tf_config(ports: list[int], index: int) -> str:
+    """TF_CONFIG of worker `index` in a cluster of local workers listening on `ports`."""
+    return json.dumps({"cluster": {"worker": [f"localhost:{p}" for p in ports]},
+                       "task": {"type": "worker", "index": index}})
+
+
+def run_cluster(code: str, num_workers: int, timeout: float = 180) -> list[tuple[int, str, str]]:
+    """Runs `code` in `num_workers` processes at once, each a worker of one local cluster.
+
+    Each process gets its own TF_CONFIG, so a `tf.distribute.MultiWorkerMirroredStrategy()`
+    made in `code` joins the others: a real multi-worker cluster on this machine. Returns
+    (returncode, stdout, stderr) per worker; every process is killed on return.
+    """
+    ports = free_ports(num_workers)
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, cwd=REPO,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": REPO, "TF_CONFIG": tf_config(ports, i)})
+        for i in range(num_workers)]
+    results = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=timeout)
+            results.append((p.returncode, stdout, stderr))
+    finally:
+        for p in procs:
+            p.kill()
+    return results
+
+
 def last_json(proc) -> dict:
     """The last stdout line of a snippet that printed json.dumps(...)."""
     if proc.returncode != 0:
