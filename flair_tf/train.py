@@ -272,6 +272,10 @@ def train(config: Mapping[str, Any] | None = None, strategy=None) -> dict[str, A
     precision_lib.set_precision(cfg["precision"])
     if strategy is None:
         strategy = strategy_lib.get_strategy(cfg["strategy"], tpu=cfg["tpu"], num_gpus=cfg["num_gpus"] or None)
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        from flair_tf.training import multi_worker
+
+        multi_worker.install()  # Keras 3 cannot fit on several workers without it
     chief = strategy_lib.is_chief(strategy)
     steps_per_execution = precision_lib.check_steps_per_execution(cfg["steps_per_execution"], strategy)
 

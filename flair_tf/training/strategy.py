@@ -8,8 +8,8 @@ One string switch (`--strategy`), in the spirit of TF Model Garden's
 ``one_device`` `OneDeviceStrategy` on the first GPU, else the CPU
 ``mirrored``   `MirroredStrategy` over all local GPUs (or the logical CPUs
                made by `split_cpu`, for tests and the demo)
-``multi_worker`` `MultiWorkerMirroredStrategy`, cluster from ``TF_CONFIG``; one
-               worker only: Keras 3 cannot fit on several (`MULTI_WORKER_KERAS_BUG`)
+``multi_worker`` `MultiWorkerMirroredStrategy`, cluster from ``TF_CONFIG`` (Keras 3
+               needs `flair_tf.training.multi_worker` there, which `train` installs)
 ``tpu``        `TPUStrategy`; ``--tpu=local`` on a TPU VM, or a TPU name /
                ``grpc://`` address
 =============  ==============================================================
@@ -78,30 +78,6 @@ def _tpu_strategy(tpu: str) -> tf.distribute.Strategy:
     return strategy
 
 
-# Keras 3's `fit` (3.15; keras-team/keras#20585, tensorflow/tensorflow#72388) cannot train
-# under MultiWorkerMirroredStrategy on several workers: before the first step it all-reduces
-# the whole input batch (a nested structure the collective cannot take), and it reduces the
-# step's scalar logs along axis 0. tests/training/test_strategy.py reproduces both with two
-# local worker processes, so a Keras release that fixes them shows up as a failing test.
-MULTI_WORKER_KERAS_BUG = (
-    "Keras 3's fit cannot train under MultiWorkerMirroredStrategy on several workers "
-    "(keras-team/keras#20585: it all-reduces the input batch before the first step and reduces "
-    "the scalar logs along axis 0)"
-)
-
-
-def _check_one_worker(tf_config: dict) -> None:
-    """Refuses a TF_CONFIG cluster of several workers (see `MULTI_WORKER_KERAS_BUG`)."""
-    cluster = tf_config.get("cluster", {}) if isinstance(tf_config, dict) else {}
-    tasks = sum(len(cluster.get(role) or []) for role in ("chief", "worker"))
-    if tasks > 1:
-        raise RuntimeError(
-            f"--strategy=multi_worker: TF_CONFIG names {tasks} workers, but {MULTI_WORKER_KERAS_BUG}. "
-            "Train on one machine with --strategy=mirrored (all its GPUs), or on a Cloud TPU with "
-            "--strategy=tpu."
-        )
-
-
 def get_strategy(name: str = "default", tpu: str = "local", num_gpus: int | None = None) -> tf.distribute.Strategy:
     """Builds the distribution strategy.
 
@@ -116,8 +92,7 @@ def get_strategy(name: str = "default", tpu: str = "local", num_gpus: int | None
 
     Raises:
       ValueError: unknown name.
-      RuntimeError: the hardware the strategy needs is absent, or (multi_worker)
-        TF_CONFIG names several workers, which Keras 3 cannot train on.
+      RuntimeError: the hardware the strategy needs is absent.
     """
     if name not in STRATEGIES:
         raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}. Received: --strategy={name!r}")
@@ -152,10 +127,10 @@ def get_strategy(name: str = "default", tpu: str = "local", num_gpus: int | None
         if not os.environ.get("TF_CONFIG"):
             raise RuntimeError(
                 "--strategy=multi_worker needs the TF_CONFIG environment variable describing the "
-                'cluster, e.g. {"cluster": {"worker": ["localhost:12345"]}, "task": {"type": "worker", '
-                f'"index": 0}}}}. One worker only: {MULTI_WORKER_KERAS_BUG}.'
+                'cluster, e.g. {"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+                '"task": {"type": "worker", "index": 0}} on every worker.'
             )
-        _check_one_worker(json.loads(os.environ["TF_CONFIG"]))  # Fails early on malformed JSON too.
+        json.loads(os.environ["TF_CONFIG"])  # Fail early on malformed JSON.
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
     else:
         strategy = _tpu_strategy(tpu)

@@ -142,6 +142,9 @@ class FlairTensorBoard(keras.callbacks.Callback):
         if self.global_batch_size:
             rate["examples_per_second"] = rate["steps_per_second"] * self.global_batch_size
         self.throughput.append(rate)
+        # Read on every worker: under MultiWorkerMirroredStrategy reading the matrix is a
+        # collective all workers must join.
+        val_cm = self.cm_metric.confusion_matrix() if has_val and self.cm_metric is not None else None
         if not self.chief:
             return
         with self._writer("train").as_default(step=epoch):
@@ -158,10 +161,9 @@ class FlairTensorBoard(keras.callbacks.Callback):
                 for k, v in logs.items():
                     if k.startswith("val_"):
                         tf.summary.scalar(k[4:], float(v))
-                if self.cm_metric is not None:
-                    cm = self.cm_metric.confusion_matrix()
-                    self._write_cm_scalars(cm)
-                    tf.summary.image("confusion_matrix", render_confusion_matrix(cm), step=epoch)
+                if val_cm is not None:
+                    self._write_cm_scalars(val_cm)
+                    tf.summary.image("confusion_matrix", render_confusion_matrix(val_cm), step=epoch)
                 if self.image_batch is not None:
                     self._write_images(epoch)
         for w in self._writers.values():

@@ -280,3 +280,41 @@ def test_two_worker_cluster_validates_every_example_once_and_trains_full_batches
     assert sorted(len(t["finite"]) for t in train) == [8, 8]
     assert sorted(t["finite"].count(0) for t in train) == [0, 4]
     assert [t["epoch"] for t in train] == [[2] * 6, [2] * 6]
+
+
+_CLUSTER_TRAIN = r"""
+import json
+from flair_tf import train
+r = train.train({"model_dir": ROOT, "data_dir": DATA, "task": "flair1", "arch": "unet",
+                 "strategy": "multi_worker", "epochs": EPOCHS, "batch_size": 4, "optimizer": "adam",
+                 "learning_rate": 1e-3, "lr_schedule": "cosine", "tensorboard_images": 2, "verbose": "0"})
+print(json.dumps({"replicas": r["num_replicas"], "initial_epoch": r["initial_epoch"],
+                  "history": r["history"], "val_miou": r["val_miou"]}))
+"""
+
+
+@pytest.mark.slow
+def test_fit_on_a_two_worker_cluster_and_resume(tmp_path, flair1_records):
+    """`--strategy=multi_worker` on a real two-worker cluster of local processes.
+
+    Keras 3 alone fails there (tests/training/test_strategy.py); with
+    `flair_tf.training.multi_worker` both workers train the same model in step, validate,
+    the chief writes, and a second run resumes from the backup.
+    """
+    root = str(tmp_path / "run")
+    outs = []
+    for epochs in (2, 3):
+        code = _CLUSTER_TRAIN.replace("ROOT", repr(root)).replace("DATA", repr(flair1_records))
+        results = run_cluster(code.replace("EPOCHS", str(epochs)), 2, timeout=400)
+        outs.append([last_json(subprocess.CompletedProcess([], rc, so, se)) for rc, so, se in results])
+    first, resumed = outs
+    assert [o["replicas"] for o in first] == [2, 2] and first[0] == first[1]
+    losses = [h["loss"] for h in first[0]["history"]]
+    assert len(losses) == 2 and losses[1] < losses[0]
+    assert 0.0 <= first[0]["val_miou"] <= 1.0
+    assert resumed[0] == resumed[1] and resumed[0]["initial_epoch"] == 2
+    assert resumed[0]["history"][:2] == first[0]["history"] and len(resumed[0]["history"]) == 3
+    model_dir = tmp_path / "run"
+    for rel in ("checkpoints/best.weights.h5", "checkpoints/last.weights.h5", "backup/state.json"):
+        assert (model_dir / rel).exists(), rel
+    assert {"patches", "confusion_matrix", "iou/building"} <= event_tags(model_dir / "logs" / "validation")
