@@ -133,7 +133,8 @@ def define_train_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     d(flags.DEFINE_integer, "epochs", 100, "Maximum number of epochs.")
     d(flags.DEFINE_integer, "batch_size", 10, "GLOBAL training batch size (split over the replicas).")
     d(flags.DEFINE_integer, "val_batch_size", 0, "GLOBAL validation batch size (0 = --batch_size).")
-    d(flags.DEFINE_integer, "steps_per_epoch", 0, "Training steps per epoch (0 = one pass over the training records; with several hosts, "
+    d(flags.DEFINE_integer, "steps_per_epoch", 0,
+      "Training steps per epoch (0 = one pass over the training records; with several hosts, "
       "num_examples // batch_size steps, each host repeating its share).")
     d(flags.DEFINE_integer, "validation_steps", 0, "Validation steps per epoch (0 = the whole validation split).")
     d(flags.DEFINE_enum, "optimizer", "sgd", ["sgd", "adam", "adamw"],

@@ -59,13 +59,13 @@ def install() -> None:
     if _INSTALLED:
         return
     trainer = _trainer_module()
-    multi_worker = trainer._collective_all_reduce_multi_worker  # pylint: disable=protected-access
+    is_multi_worker = trainer._collective_all_reduce_multi_worker  # pylint: disable=protected-access
     keras_build = trainer.TensorFlowTrainer._maybe_symbolic_build  # pylint: disable=protected-access
     keras_reduce = trainer.reduce_per_replica
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         strategy = self._distribute_strategy  # pylint: disable=protected-access
-        if iterator is None or strategy is None or not multi_worker(strategy):
+        if iterator is None or strategy is None or not is_multi_worker(strategy):
             return keras_build(self, iterator=iterator, data_batch=data_batch)
         for _, _, it in iterator:
             data_batch = tree.map_structure(lambda x: _first_local_value(strategy, x), next(it))
@@ -74,7 +74,7 @@ def install() -> None:
             self._symbolic_build(data_batch=data_batch)  # pylint: disable=protected-access
 
     def reduce_per_replica(values, strategy, reduction):
-        if reduction not in ("auto", "mean") or not multi_worker(strategy):
+        if reduction not in ("auto", "mean") or not is_multi_worker(strategy):
             return keras_reduce(values, strategy, reduction)
 
         def reduce_one(v):
@@ -89,4 +89,3 @@ def install() -> None:
     trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build  # pylint: disable=protected-access
     trainer.reduce_per_replica = reduce_per_replica
     _INSTALLED = True
-
