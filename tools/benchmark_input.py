@@ -14,7 +14,10 @@ on the same data, from the page cache:
   whole Sentinel super-area, crops it and parses the product names) and then
   applies the same preprocessing in numpy, the way the PyTorch reference's
   `Fit_Dataset` does; in one process, then in a process pool of
-  ``--loader_workers`` (a DataLoader with workers).
+  ``--loader_workers`` (a DataLoader with workers), each worker loading for
+  ``--seconds`` by itself. The pool's loaded arrays stay in its workers (a
+  DataLoader would also send them to the training process), so its rate is
+  an upper bound of such a loader's.
 
 Raw read and pipeline alternate in ``--rounds`` rounds (3) of ``--seconds``
 each, measured in steady state (after the first element and
@@ -174,9 +177,15 @@ def per_file_items(task: str, tree: str):
     return items
 
 
-def _load_index(args):
-    items, i = args
-    return load_one(items[i % len(items)], seed=i)
+def _load_for(args):
+    """A pool worker's share: loads examples (from `first`, one stride apart) until `deadline`."""
+    items, first, stride, deadline = args
+    n = 0
+    while time.time() < deadline:
+        i = first + n * stride
+        load_one(items[i % len(items)], seed=i)
+        n += 1
+    return n
 
 
 class Meter:
@@ -217,15 +226,15 @@ def rate_per_file(items, seconds: float, workers: int) -> dict[str, float]:
             meter.n += 1
         return meter.result()
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        pool.map(_load_index, [(items, i) for i in range(workers)])  # start-up excluded
-        it = pool.imap(_load_index, ((items, i) for i in range(10**9)), chunksize=2)
-        next(it)
+        # Start-up (imports, a second of loading) excluded. Each worker then loads for
+        # `seconds` by itself and reports its count: no endless task stream to stop (a pool
+        # terminated while its feeder thread still pushed tasks once hung this benchmark).
+        warm = time.time() + 1.0
+        pool.map(_load_for, [(items, i, workers, warm) for i in range(workers)])
         meter = Meter()
-        while meter.elapsed() < seconds:
-            next(it)
-            meter.n += 1
+        deadline = time.time() + seconds
+        meter.n = sum(pool.map(_load_for, [(items, i, workers, deadline) for i in range(workers)]))
         result = meter.result()
-        pool.terminate()
     return result
 
 
