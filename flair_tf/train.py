@@ -302,9 +302,8 @@ def train(config: Mapping[str, Any] | None = None, strategy=None) -> dict[str, A
             f"No training records match {train_pattern}; convert the data with "
             "tools/convert_to_tfrecords.py or fix --data_dir / --train_split."
         )
-    steps_per_epoch, repeat = _training_epoch(info, cfg["train_split"], cfg["batch_size"], strategy)
-    if cfg["steps_per_epoch"]:
-        steps_per_epoch, repeat = cfg["steps_per_epoch"], True
+    steps_per_epoch, repeat = _training_epoch(info, cfg["train_split"], cfg["batch_size"], strategy,
+                                              cfg["steps_per_epoch"])
 
     def train_dataset(epoch: int):
         # Each epoch reads a pipeline seeded by (seed, epoch): its file order,
@@ -406,19 +405,20 @@ def train(config: Mapping[str, Any] | None = None, strategy=None) -> dict[str, A
     return result
 
 
-def _training_epoch(info, split, batch_size, strategy) -> tuple[int | None, bool]:
+def _training_epoch(info, split, batch_size, strategy, steps_per_epoch: int = 0) -> tuple[int | None, bool]:
     """Steps of one training epoch over `split`, and whether each input pipeline repeats.
 
-    One input pipeline: the batches of one pass (drop_remainder) over a finite dataset.
-    Several (TPU pods; MultiWorkerMirroredStrategy): each host reads its own files, whose
+    `steps_per_epoch` (--steps_per_epoch) > 0: those steps over a repeated dataset.
+    Otherwise, one input pipeline: the batches of one pass (drop_remainder) over a finite
+    dataset. Several (several workers, TPU pods): each host reads its own files, whose
     example counts differ, so a finite pass would end on one host before the others, which
     then run their last steps with empty batches there (a TPU pod cannot run them at all).
     So each host repeats its share and the epoch is ``num_examples // batch_size`` steps:
     every batch full on every host, and a host that is a few examples short starts its next
     pass early. (None, False) when dataset_info.json does not count the split.
     """
-    import tensorflow as tf
-
+    if steps_per_epoch:
+        return steps_per_epoch, True
     count = (info.get("splits", {}).get(split) or {}).get("num_examples")
     if not count:
         return None, False
@@ -428,9 +428,7 @@ def _training_epoch(info, split, batch_size, strategy) -> tuple[int | None, bool
             f"The {split} split has {count} examples, fewer than one batch of --batch_size={batch_size}; "
             "lower --batch_size."
         )
-    several = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) \
-        or _num_input_pipelines(strategy) != 1
-    return steps, several
+    return steps, _num_input_pipelines(strategy) != 1
 
 
 def _num_input_pipelines(strategy) -> int | None:

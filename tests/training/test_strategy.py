@@ -150,9 +150,9 @@ print(json.dumps({"fit": fit, "loss": loss}), flush=True)
 
 def _two_worker_fits(fixed: bool) -> list[dict]:
     outs = []
-    for _, stdout, stderr in run_cluster(_TWO_WORKER_FIT.replace("FIXED", repr(fixed)), 2):
-        lines = [l for l in stdout.splitlines() if l.startswith("{")]
-        outs.append(json.loads(lines[-1]) if lines else {"fit": "NO OUTPUT " + stderr[-1500:]})
+    for p in run_cluster(_TWO_WORKER_FIT.replace("FIXED", repr(fixed)), 2):
+        lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
+        outs.append(json.loads(lines[-1]) if lines else {"fit": "NO OUTPUT " + p.stderr[-1500:]})
     return outs
 
 

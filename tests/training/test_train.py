@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 
 import pytest
 from training_helpers import event_tags, last_json, run_cluster
@@ -264,8 +263,7 @@ def test_two_worker_cluster_validates_every_example_once_and_trains_full_batches
     info = schema.load_dataset_info(records)
     shard_sizes = sorted(s["num_examples"] for s in info["splits"]["val"]["shards"])
     assert shard_sizes == [2, 3, 3], shard_sizes  # the uneven split this test is about
-    results = run_cluster(_CLUSTER_INPUT.replace("DATA", repr(records)), 2, timeout=240)
-    outs = [last_json(subprocess.CompletedProcess([], rc, so, se)) for rc, so, se in results]
+    outs = [last_json(p) for p in run_cluster(_CLUSTER_INPUT.replace("DATA", repr(records)), 2, timeout=240)]
     assert [o["pipelines"] for o in outs] == [2, 2] and [o["replicas"] for o in outs] == [2, 2]
     val = [o["val"] for o in outs]
     # 6 examples on one worker in batches of 2 (global 4 over 2 replicas): 3 steps everywhere.
@@ -305,8 +303,7 @@ def test_fit_on_a_two_worker_cluster_and_resume(tmp_path, flair1_records):
     outs = []
     for epochs in (2, 3):
         code = _CLUSTER_TRAIN.replace("ROOT", repr(root)).replace("DATA", repr(flair1_records))
-        results = run_cluster(code.replace("EPOCHS", str(epochs)), 2, timeout=400)
-        outs.append([last_json(subprocess.CompletedProcess([], rc, so, se)) for rc, so, se in results])
+        outs.append([last_json(p) for p in run_cluster(code.replace("EPOCHS", str(epochs)), 2, timeout=400)])
     first, resumed = outs
     assert [o["replicas"] for o in first] == [2, 2] and first[0] == first[1]
     losses = [h["loss"] for h in first[0]["history"]]
@@ -318,3 +315,18 @@ def test_fit_on_a_two_worker_cluster_and_resume(tmp_path, flair1_records):
     for rel in ("checkpoints/best.weights.h5", "checkpoints/last.weights.h5", "backup/state.json"):
         assert (model_dir / rel).exists(), rel
     assert {"patches", "confusion_matrix", "iou/building"} <= event_tags(model_dir / "logs" / "validation")
+
+
+def test_training_epoch_length_and_repeat():
+    import tensorflow as tf
+
+    one_host = tf.distribute.get_strategy()
+    info = {"splits": {"train": {"num_examples": 10}}}
+    assert train_lib._training_epoch(info, "train", 4, one_host) == (2, False)  # one finite pass
+    assert train_lib._training_epoch(info, "train", 4, one_host, steps_per_epoch=7) == (7, True)
+    assert train_lib._training_epoch({}, "train", 4, one_host) == (None, False)  # Keras finds the end
+    small = {"splits": {"train": {"num_examples": 3}}}
+    with pytest.raises(ValueError, match="fewer than one batch of --batch_size=4"):
+        train_lib._training_epoch(small, "train", 4, one_host)
+    # An explicit epoch length repeats the data: a split smaller than a batch is fine then.
+    assert train_lib._training_epoch(small, "train", 4, one_host, steps_per_epoch=5) == (5, True)

@@ -52,12 +52,12 @@ def tf_config(ports: list[int], index: int) -> str:
                        "task": {"type": "worker", "index": index}})
 
 
-def run_cluster(code: str, num_workers: int, timeout: float = 180) -> list[tuple[int, str, str]]:
+def run_cluster(code: str, num_workers: int, timeout: float = 180) -> list[subprocess.CompletedProcess]:
     """Runs `code` in `num_workers` processes at once, each a worker of one local cluster.
 
     Each process gets its own TF_CONFIG, so a `tf.distribute.MultiWorkerMirroredStrategy()`
     made in `code` joins the others: a real multi-worker cluster on this machine. Returns
-    (returncode, stdout, stderr) per worker; every process is killed on return.
+    one CompletedProcess (text) per worker, as `run_python`; every process is killed on return.
     """
     ports = free_ports(num_workers)
     procs = [subprocess.Popen(
@@ -69,7 +69,7 @@ def run_cluster(code: str, num_workers: int, timeout: float = 180) -> list[tuple
     try:
         for p in procs:
             stdout, stderr = p.communicate(timeout=timeout)
-            results.append((p.returncode, stdout, stderr))
+            results.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
     finally:
         for p in procs:
             p.kill()
