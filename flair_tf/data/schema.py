@@ -36,7 +36,8 @@ multiple of 64 bytes from the record's first byte (bytes features ``_pad0``..
 sorted by key. `decode` of such records copies the record once
 (``decode_raw``) and takes every array as an aligned slice of that copy,
 without copying it again: half the memory traffic of parsing each array out
-first. Records of the "protobuf" layout (any other writer, e.g.
+first; the feature header before each payload read is checked. A record holds
+at most `MAX_SENTINEL_DATES` dates. Records of the "protobuf" layout (any other writer, e.g.
 ``tf.train.Example.SerializeToString``) are parsed feature by feature.
 
 Bump `SCHEMA_VERSION` on any change of keys or shapes; a new byte layout gets a
@@ -67,6 +68,7 @@ DATASET_INFO_NAME = "dataset_info.json"
 # Byte layouts of the records (module docstring): "protobuf" (features in any
 # order, decoded by parsing) and "aligned64" (written by `serialize`).
 BYTE_LAYOUTS = ("protobuf", "aligned64")
+MAX_SENTINEL_DATES = 2047  # T of one record (the "aligned64" reader tabulates its headers)
 ALIGNMENT = 64  # bytes: TensorFlow's tensor alignment, under which a slice shares its buffer
 # The record features laid out first in "aligned64", in this order.
 _SLOTS = ("aerial", "elevation", "label", "sentinel/data", "sentinel/masks")
@@ -265,6 +267,9 @@ def _fields(example: Mapping[str, Any]) -> dict[str, tuple[int, Any]]:
         if data.ndim != 4 or data.shape[1] != data.shape[2]:
             raise ValueError(f"{name}: sentinel_data has shape {data.shape}, expected (T, S, S, 10)")
         t, s = data.shape[0], data.shape[1]
+        if t > MAX_SENTINEL_DATES:
+            raise ValueError(f"{name}: {t} Sentinel-2 dates; a record holds at most {MAX_SENTINEL_DATES} "
+                             "(a year of every Sentinel-2 product of one place is about 150)")
         dates = np.asarray(example["sentinel_dates"]).astype(np.int64)
         fields.update(
             {
@@ -534,8 +539,10 @@ def decode(
         "sentinel_length": lambda: t,
     }
     if sliced:
-        arrays = _sliced_arrays(serialized, spec, f)
-        build.update(arrays, label=lambda: label_from(arrays["label"]()))
+        arrays = _sliced_arrays(serialized, spec, f, sliced)
+        build.update({k: (lambda v=v: v) for k, v in arrays.items()})
+        if "label" in arrays:
+            build["label"] = lambda: label_from(arrays["label"])
     out = {k: build[k]() if k in build else f[sources[k][0]] for k in keys}
     for key in ("sentinel_data", "sentinel_masks"):
         if key in out:
@@ -543,28 +550,65 @@ def decode(
     return out
 
 
-def _sliced_arrays(serialized: tf.Tensor, spec: RecordSpec, parsed: Mapping[str, tf.Tensor]) -> dict:
-    """Builders of the slotted arrays of an "aligned64" record: slices of one copy of it.
+_HEAD_WIDTH = 48  # bytes: more than any entry header of a slotted feature (at most 40)
+
+
+@functools.lru_cache(maxsize=64)
+def _head_table(key: str, unit: int, rows: int) -> np.ndarray:
+    """`_entry_head` of `key` for payloads of ``unit * r`` bytes, r < rows.
+
+    int16 [rows, _HEAD_WIDTH]: each header right-aligned, -1 before it.
+    """
+    table = np.full((rows, _HEAD_WIDTH), -1, np.int16)
+    for r in range(rows):
+        head = np.frombuffer(_entry_head(key, _BYTES, unit * r), np.uint8)
+        table[r, _HEAD_WIDTH - len(head):] = head
+    return table
+
+
+def _sliced_arrays(serialized: tf.Tensor, spec: RecordSpec, parsed: Mapping[str, tf.Tensor],
+                   keys: Sequence[str]) -> dict[str, tf.Tensor]:
+    """The slotted arrays `keys` of an "aligned64" record: slices of one copy of it.
 
     ``tf.io.decode_raw`` copies the record once into an aligned uint8 tensor;
     a slice of it that starts and ends at multiples of `ALIGNMENT` bytes shares
     its buffer (TensorFlow's aligned dim-0 slice), and reshape and bitcast do
-    too. The aerial feature's header, just before the first payload, is checked,
-    so a record in another layout fails with an error instead of giving garbage.
+    too. The wire bytes just before each slot's payload must be its feature's
+    map entry header (key and size), so a record in another layout fails with
+    an error instead of giving garbage, even a re-serialized record whose
+    first features happen to keep their places.
     """
     p, s, nb = spec.patch_size, spec.sentinel_size, len(SENTINEL_BANDS)
     raw = tf.io.decode_raw(serialized, tf.uint8)
-    sizes = [p * p * 4, p * p]
+    # Slot i holds counts[i] units of units[i] bytes: the label has_label images, a Sentinel-2
+    # array T dates (the slots after the last one read are left out).
+    units = [p * p * 4, p * p]
+    counts = [None, None]
     if "has_label" in parsed:
-        sizes.append(parsed["has_label"] * (p * p))
+        units.append(p * p)
+        counts.append(parsed["has_label"])
     if "sentinel/length" in parsed:
-        t = parsed["sentinel/length"]
-        sizes += [t * (s * s * nb * 2), t * (s * s * 2)]
+        units += [s * s * nb * 2, s * s * 2]
+        counts += [parsed["sentinel/length"]] * 2
+    sizes = [u if c is None else c * u for u, c in zip(units, counts)]
     starts = _slot_starts(sizes)
-    head = _entry_head("aerial", _BYTES, sizes[0])
+
+    slots = sorted(_SLOTS.index(_SLOTTED_KEYS[k]) for k in keys)
+    # The record's bytes just before each payload read must be that slot's entry header. Every
+    # header a slot can have is tabulated (computing them in the graph cost 5% of the FLAIR #2
+    # pipeline): has_label 0 or 1, T up to MAX_SENTINEL_DATES.
+    headers = []
+    for i in slots:
+        if counts[i] is None:
+            headers.append(tf.constant(_head_table(_SLOTS[i], units[i], 2)[1]))
+        else:
+            table = _head_table(_SLOTS[i], units[i], 2 if _SLOTS[i] == "label" else MAX_SENTINEL_DATES + 1)
+            headers.append(tf.gather(tf.constant(table), tf.minimum(counts[i], len(table) - 1)))
+    at = tf.cast(tf.stack([starts[i] for i in slots]), tf.int64)[:, None] - _HEAD_WIDTH + tf.range(_HEAD_WIDTH, dtype=tf.int64)
+    window = tf.cast(tf.gather(raw, tf.minimum(at, tf.size(raw, out_type=tf.int64) - 1)), tf.int16)
+    header = tf.stack(headers)
     check = tf.debugging.Assert(
-        tf.reduce_all(tf.equal(raw[ALIGNMENT - len(head):ALIGNMENT],
-                               tf.constant(np.frombuffer(head, np.uint8)))),
+        tf.reduce_all(tf.logical_or(header < 0, tf.equal(window, header))),
         ["record is not in the aligned64 byte layout that dataset_info.json declares "
          "(byte_layout); convert the data again with tools/convert_to_tfrecords.py"])
 
@@ -576,13 +620,14 @@ def _sliced_arrays(serialized: tf.Tensor, spec: RecordSpec, parsed: Mapping[str,
     def uint16(x):
         return tf.reshape(tf.bitcast(tf.reshape(x, [-1, 2]), tf.uint16), [-1])
 
-    return {
+    build = {
         "aerial": lambda: tf.reshape(piece(0), [p, p, 4]),
         "elevation": lambda: tf.reshape(piece(1), [p, p, 1]),
         "label": lambda: piece(2),  # the codes; unpadded (empty when unlabelled)
         "sentinel_data": lambda: tf.reshape(uint16(piece(3)), tf.stack([parsed["sentinel/length"], s, s, nb])),
         "sentinel_masks": lambda: tf.reshape(piece(4), tf.stack([parsed["sentinel/length"], s, s, 2])),
     }
+    return {k: build[k]() for k in keys}
 
 
 # --------------------------------------------------------------------------- files

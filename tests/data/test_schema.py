@@ -117,15 +117,44 @@ def test_aligned_records_decode_alike_with_either_layout_and_at_odd_sizes(task):
                 np.testing.assert_array_equal(fast[key].numpy(), parsed[key].numpy(), err_msg=key)
 
 
-def test_aligned_decoding_of_a_record_in_another_layout_fails_clearly():
-    ex = _example(np.random.default_rng(6))
-    spec = schema.RecordSpec("flair1", P, byte_layout="aligned64")
-    with pytest.raises(tf.errors.InvalidArgumentError, match="aligned64 byte layout"):
-        schema.decode(tf.constant(schema.encode(ex).SerializeToString()), spec)
-    ds = tf.data.Dataset.from_tensors(schema.encode(ex).SerializeToString()).map(
-        lambda s: schema.decode(s, spec, keys=["label"]))
-    with pytest.raises(tf.errors.InvalidArgumentError, match="aligned64 byte layout"):
-        next(iter(ds))
+def _record_in_order(example, order):
+    """`example`'s record with its feature map entries written in `order` (then the rest sorted)."""
+    features = tf.train.Example.FromString(bytes(schema.serialize(example))).features.feature
+    order = list(order) + sorted(set(features) - set(order))
+    body = b"".join(tf.train.Features(feature={k: features[k]}).SerializeToString() for k in order)
+    return b"\x0a" + schema._varint(len(body)) + body  # Example.features
+
+
+# The map entries of an "aligned64" record, in the order `serialize` writes them.
+_ALIGNED_ORDER = ["_pad0", "aerial", "_pad1", "elevation", "_pad2", "label",
+                  "_pad3", "sentinel/data", "_pad4", "sentinel/masks"]
+_SLOT_KEYS = ["aerial", "elevation", "label", "sentinel_data", "sentinel_masks"]
+
+
+@pytest.mark.parametrize("kept", range(6))
+def test_aligned_decoding_of_a_record_in_another_layout_fails_clearly(kept):
+    # A record re-serialized in another feature order fails wherever a slot lost its place,
+    # even when its first `kept` slots (and the padding before them) kept theirs: protobuf's
+    # own serializer writes the map in an order that varies from process to process.
+    ex = _example(np.random.default_rng(6), t=3)
+    record = tf.constant(_record_in_order(ex, _ALIGNED_ORDER[:2 * kept]))
+    assert (record.numpy() == bytes(schema.serialize(ex))) == (kept == 5)
+    spec = schema.RecordSpec("flair2", P, S, byte_layout="aligned64")
+    _check(schema.decode(record, schema.RecordSpec("flair2", P, S)), ex, spec)  # a valid record
+    for i, key in enumerate(_SLOT_KEYS):
+        if i < kept:
+            got = schema.decode(record, spec, keys=[key])[key].numpy()
+            np.testing.assert_array_equal(got, ex[key], err_msg=key)
+        else:
+            with pytest.raises(tf.errors.InvalidArgumentError, match="aligned64 byte layout"):
+                schema.decode(record, spec, keys=[key])
+    if kept < 5:
+        with pytest.raises(tf.errors.InvalidArgumentError, match="aligned64 byte layout"):
+            schema.decode(record, spec)
+        ds = tf.data.Dataset.from_tensors(record).map(lambda r: schema.decode(r, spec, keys=["label"]))
+        if kept < 3:
+            with pytest.raises(tf.errors.InvalidArgumentError, match="aligned64 byte layout"):
+                next(iter(ds))
 
 
 @pytest.mark.parametrize("layout", schema.BYTE_LAYOUTS)
@@ -205,6 +234,27 @@ def test_hand_serialized_bytes_are_the_example_protobuf_builds(t):
                 offsets.append(raw.index(payload))
                 assert offsets[-1] % schema.ALIGNMENT == 0, key
         assert offsets == sorted(offsets)
+
+
+def test_aligned_decoding_at_every_header_size_and_the_date_limit():
+    # The aligned reader tabulates the entry headers: check series whose sizes cross the
+    # varint lengths (the table's first and last rows included), then the limit of dates.
+    s = 2  # 80 bytes per date of sentinel/data: 2 to 3 byte varints between these lengths
+    spec = schema.RecordSpec("flair2", P, s, byte_layout="aligned64")
+    rng = np.random.default_rng(8)
+    for t in (0, 1, 204, 205, 2047):
+        ex = _example(rng, t=3)
+        ex["sentinel_data"] = rng.integers(0, 65536, (t, s, s, 10), dtype=np.uint16)
+        ex["sentinel_masks"] = rng.integers(0, 101, (t, s, s, 2), dtype=np.uint8)
+        ex["sentinel_dates"] = np.full([t], 20210101)
+        got = schema.decode(tf.constant(bytes(schema.serialize(ex))), spec)
+        for key in ("aerial", "label", "sentinel_data", "sentinel_masks"):
+            np.testing.assert_array_equal(got[key].numpy(), ex[key], err_msg=f"{key}, T={t}")
+    ex["sentinel_data"] = np.zeros((schema.MAX_SENTINEL_DATES + 1, s, s, 10), np.uint16)
+    ex["sentinel_masks"] = np.zeros((schema.MAX_SENTINEL_DATES + 1, s, s, 2), np.uint8)
+    ex["sentinel_dates"] = np.full([schema.MAX_SENTINEL_DATES + 1], 20210101)
+    with pytest.raises(ValueError, match=r"IMG_\d{6}: 2048 Sentinel-2 dates; a record holds at most 2047"):
+        schema.serialize(ex)
 
 
 def test_sentinel_bytes_are_little_endian():
