@@ -37,8 +37,9 @@ sorted by key. `decode` of such records copies the record once
 (``decode_raw``) and takes every array as an aligned slice of that copy,
 without copying it again: half the memory traffic of parsing each array out
 first; the feature header before each payload read is checked. A record holds
-at most `MAX_SENTINEL_DATES` dates. Records of the "protobuf" layout (any other writer, e.g.
-``tf.train.Example.SerializeToString``) are parsed feature by feature.
+at most `MAX_SENTINEL_DATES` dates. Records of the "protobuf" layout (any other
+writer, e.g. ``tf.train.Example.SerializeToString``) are parsed feature by
+feature.
 
 Bump `SCHEMA_VERSION` on any change of keys or shapes; a new byte layout gets a
 new name in `BYTE_LAYOUTS` (readers of older records keep working).
@@ -604,7 +605,7 @@ def _sliced_arrays(serialized: tf.Tensor, spec: RecordSpec, parsed: Mapping[str,
         else:
             table = _head_table(_SLOTS[i], units[i], 2 if _SLOTS[i] == "label" else MAX_SENTINEL_DATES + 1)
             headers.append(tf.gather(tf.constant(table), tf.minimum(counts[i], len(table) - 1)))
-    at = tf.cast(tf.stack([starts[i] for i in slots]), tf.int64)[:, None] - _HEAD_WIDTH + tf.range(_HEAD_WIDTH, dtype=tf.int64)
+    at = tf.cast(tf.stack([starts[i] for i in slots]), tf.int64)[:, None] + tf.range(-_HEAD_WIDTH, 0, dtype=tf.int64)
     window = tf.cast(tf.gather(raw, tf.minimum(at, tf.size(raw, out_type=tf.int64) - 1)), tf.int16)
     header = tf.stack(headers)
     check = tf.debugging.Assert(
