@@ -541,9 +541,9 @@ def decode(
     }
     if sliced:
         arrays = _sliced_arrays(serialized, spec, f, sliced)
-        build.update({k: (lambda v=v: v) for k, v in arrays.items()})
         if "label" in arrays:
-            build["label"] = lambda: label_from(arrays["label"])
+            arrays["label"] = label_from(arrays["label"])
+        build.update({k: (lambda v=v: v) for k, v in arrays.items()})
     out = {k: build[k]() if k in build else f[sources[k][0]] for k in keys}
     for key in ("sentinel_data", "sentinel_masks"):
         if key in out:

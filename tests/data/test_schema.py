@@ -119,7 +119,7 @@ def test_aligned_records_decode_alike_with_either_layout_and_at_odd_sizes(task):
 
 def _record_in_order(example, order):
     """`example`'s record with its feature map entries written in `order` (then the rest sorted)."""
-    features = tf.train.Example.FromString(bytes(schema.serialize(example))).features.feature
+    features = schema.encode(example).features.feature
     order = list(order) + sorted(set(features) - set(order))
     body = b"".join(tf.train.Features(feature={k: features[k]}).SerializeToString() for k in order)
     return b"\x0a" + schema._varint(len(body)) + body  # Example.features
