@@ -313,12 +313,29 @@ def _unpack(words: tf.Tensor, channels: Sequence[int]) -> tuple[tf.Tensor, tf.Te
     return image, label
 
 
-def _bands(aerial: tf.Tensor, elevation: tf.Tensor, channels: Sequence[int]) -> tf.Tensor:
-    """The selected channels of R,G,B,NIR + E, concatenating elevation only when selected."""
+def _bands(aerial: tf.Tensor, elevation: tf.Tensor, channels: Sequence[int],
+           for_xla: bool = False) -> tf.Tensor:
+    """The selected channels of R,G,B,NIR + E, concatenating elevation only when selected.
+
+    With `for_xla`, a run of aerial bands followed or preceded by E is built as
+    the OR of the two parts zero-padded to the output's channels: XLA:CPU fuses
+    that into the pixel move's loop, where it runs a `concatenate` on its own
+    (a separate, slower pass when no flip follows: 0.50-0.55 against 0.41-0.43 ms
+    per 512 px example for the identity, 1.04-1.16 against 0.89-0.94 ms for the
+    bare transpose; the same bytes).
+    """
+    channels = list(channels)
     if max(channels) < 4:
         return select_channels(aerial, channels)
-    if list(channels) == [4]:
+    if channels == [4]:
         return elevation
+    rest = [c for c in channels if c != 4]
+    run = rest == list(range(rest[0], rest[0] + len(rest)))
+    if for_xla and run and channels.index(4) in (0, len(rest)):
+        bands = select_channels(aerial, rest)
+        before = 1 if channels[0] == 4 else 0
+        return (tf.pad(bands, [[0, 0], [0, 0], [before, 1 - before]])
+                | tf.pad(elevation, [[0, 0], [0, 0], [0 if before else len(rest), len(rest) if before else 0]]))
     return select_channels(tf.concat([aerial, elevation], axis=-1), channels)
 
 
@@ -343,7 +360,7 @@ def make_aerial_fn(channels: Sequence[int], num_classes: int, augment: bool, jit
 
     def direct(aerial, elevation, codes, move):
         label = remap_codes(codes, num_classes)
-        image = _bands(aerial, elevation, channels)
+        image = _bands(aerial, elevation, channels, for_xla=jit_compile)
         extra = (label,) if with_unaugmented else ()
         if not augment:
             return (image, label, *extra)

@@ -499,17 +499,21 @@ def test_pack_unpack_round_trip(channels):
 
 
 @pytest.mark.parametrize("jit_compile", [True, False])
-def test_aerial_fn_applies_every_draw_like_numpy(jit_compile):
+@pytest.mark.parametrize("channels", [[4, 0, 1, 2, 3], [0, 1, 2, 3, 4], [1, 2, 4], [4, 3], [3, 0, 4],
+                                      [2, 4, 3]])
+def test_aerial_fn_applies_every_draw_like_numpy(jit_compile, channels):
     # All 16 draws (8 distinct moves) through the parser's aerial program: under XLA the
     # move is a compile-time constant, so each move runs its own specialised program.
+    # The channel lists cover both ways of interleaving elevation under XLA (padded parts
+    # OR-ed, E after or before a run of bands) and the gather of any other order.
     p = 12
     rows, cols = np.meshgrid(np.arange(p), np.arange(p), indexing="ij")
     aerial = np.stack([rows, cols, rows * p + cols, (rows + 2 * cols) % 7], -1).astype(np.uint8)
     elevation = ((rows * 3 + cols) % 200).astype(np.uint8)[..., None]
     codes = ((rows * p + cols) % 19 + 1).astype(np.uint8)
-    fn = pl.make_aerial_fn([4, 0, 1, 2, 3], 13, augment=True, jit_compile=jit_compile,
+    fn = pl.make_aerial_fn(channels, 13, augment=True, jit_compile=jit_compile,
                            with_unaugmented=True)
-    want_image = np.concatenate([elevation, aerial], -1)
+    want_image = np.concatenate([aerial, elevation], -1)[..., channels]
     want_label = nomenclature.code_to_index_lut(13)[codes]
     for vflip in (False, True):
         for hflip in (False, True):
