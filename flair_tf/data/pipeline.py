@@ -330,12 +330,10 @@ def _bands(aerial: tf.Tensor, elevation: tf.Tensor, channels: Sequence[int],
     if channels == [4]:
         return elevation
     rest = [c for c in channels if c != 4]
-    run = rest == list(range(rest[0], rest[0] + len(rest)))
-    if for_xla and run and channels.index(4) in (0, len(rest)):
-        bands = select_channels(aerial, rest)
-        before = 1 if channels[0] == 4 else 0
-        return (tf.pad(bands, [[0, 0], [0, 0], [before, 1 - before]])
-                | tf.pad(elevation, [[0, 0], [0, 0], [0 if before else len(rest), len(rest) if before else 0]]))
+    at, n = channels.index(4), len(rest)  # E's output channel; the aerial bands around it
+    if for_xla and at in (0, n) and rest == list(range(rest[0], rest[0] + n)):
+        bands = tf.pad(select_channels(aerial, rest), [[0, 0], [0, 0], [int(at == 0), int(at == n)]])
+        return bands | tf.pad(elevation, [[0, 0], [0, 0], [at, n - at]])
     return select_channels(tf.concat([aerial, elevation], axis=-1), channels)
 
 
