@@ -136,7 +136,8 @@ def main(argv) -> None:
     if not FLAGS.model_dir:
         raise app.UsageError("--model_dir is required (a training run folder)")
     output_dir = FLAGS.output_dir or os.path.join(FLAGS.model_dir, "export")
-    loaded = model_io.load_model(FLAGS.model_dir, FLAGS.weights, any_size=FLAGS.any_size)
+    # Winograd convolutions suit CPUs only; a SavedModel may be served anywhere.
+    loaded = model_io.load_model(FLAGS.model_dir, FLAGS.weights, any_size=FLAGS.any_size, winograd=False)
     info = export_saved_model(loaded.model, output_dir)
     inputs = ", ".join(f"{k} {v['dtype']} {v['shape']}" for k, v in info["inputs"].items())
     print(f"SavedModel written to {output_dir}\n  signature '{SERVING_KEY}': {inputs} -> class_map uint8, "

@@ -85,7 +85,7 @@ def read_configs(model_dir: str) -> tuple[dict, dict]:
 
 
 def load_model(model_dir: str | None, weights: str | None = None, any_size: bool = False,
-               fold_batchnorm: bool = True) -> LoadedModel:
+               fold_batchnorm: bool = True, winograd: bool | None = None) -> LoadedModel:
     """Rebuilds the model of a training run and loads its weights, for inference.
 
     Args:
@@ -101,6 +101,11 @@ def load_model(model_dir: str | None, weights: str | None = None, any_size: bool
         (`flair_tf.models.folding`): the same outputs up to float rounding,
         and faster (U-Net/ResNet34 about 4% on CPU). False keeps the model as
         trained (e.g. to train on from it).
+      winograd: after folding, compute the wide 3x3 convolutions by Winograd
+        F(4x4, 3x3) (`flair_tf.models.winograd`): the same outputs up to float
+        rounding, U-Net/ResNet34 inference about 25% faster on CPU. None (the
+        default) does so when the process sees no GPU or TPU (their libraries
+        choose their own convolution algorithms); ignored without folding.
 
     Raises:
       FileNotFoundError: naming the missing file and how to produce it.
@@ -133,6 +138,12 @@ def load_model(model_dir: str | None, weights: str | None = None, any_size: bool
         from flair_tf.models.folding import fold_batchnorm as fold
 
         model = fold(model)
+        if winograd is None:
+            winograd = not any(d.device_type in ("GPU", "TPU") for d in tf.config.list_logical_devices())
+        if winograd:
+            from flair_tf.models.winograd import winograd_model
+
+            model = winograd_model(model)
     logging.info("Loaded %s (%s, %s classes) from %s", model_config.get("arch"), model.name,
                  model_config.get("num_classes"), weights)
     return LoadedModel(model, model_config, data_config, weights, model_dir, any_size)

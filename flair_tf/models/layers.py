@@ -386,6 +386,8 @@ class Conv2D(keras.layers.Conv2D):
     layers by class name and order) stay interchangeable with Keras's layer.
     """
 
+    _winograd_compatible = True  # computes Keras's Conv2D of the concatenation (models.winograd)
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.input_spec = None  # Keras's spec admits one tensor; the kernel checks shapes

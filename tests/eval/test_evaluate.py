@@ -138,7 +138,7 @@ def test_load_model_folds_batchnorm_for_inference_by_default(unet13_run):
     from flair_tf.inference import model_io
     from flair_tf.models.folding import FoldedBatchNorm
 
-    folded = model_io.load_model(unet13_run).model
+    folded = model_io.load_model(unet13_run, winograd=False).model
     trained = model_io.load_model(unet13_run, fold_batchnorm=False).model
     assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
     assert sum(isinstance(layer, FoldedBatchNorm) for layer in folded.layers) == 46
@@ -146,3 +146,16 @@ def test_load_model_folds_batchnorm_for_inference_by_default(unet13_run):
     x = {"aerial": np.random.default_rng(0).integers(0, 256, (2, 64, 64, 5), dtype=np.uint8)}
     a, b = folded(x, training=False)["aerial"].numpy(), trained(x, training=False)["aerial"].numpy()
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+
+
+def test_load_model_computes_wide_convolutions_by_winograd_on_cpu(unet13_run):
+    from flair_tf.inference import model_io
+    from flair_tf.models.winograd import WinogradConv2D
+
+    auto = model_io.load_model(unet13_run).model  # these tests see no GPU
+    direct = model_io.load_model(unet13_run, winograd=False).model
+    assert sum(isinstance(layer, WinogradConv2D) for layer in auto.layers) == 27
+    assert not any(isinstance(layer, WinogradConv2D) for layer in direct.layers)
+    x = {"aerial": np.random.default_rng(0).integers(0, 256, (2, 64, 64, 5), dtype=np.uint8)}
+    a, b = auto(x, training=False)["aerial"].numpy(), direct(x, training=False)["aerial"].numpy()
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5 * np.abs(b).max())
