@@ -14,7 +14,8 @@ rate, this is the only way to make the wide layers of U-Net/ResNet34 faster:
 per layer at batch 4 about 2x for 256 channels at 32 x 32 px, 1.5x for 512
 channels at 16 x 16 px, 1.1-1.3x for 128 channels at 64 x 64 px; layers with
 fewer channels lose (the transforms cost more than the product saves), so only
-convolutions with ``C_in * C_out / (C_in + C_out) >= MIN_WORK`` are converted.
+convolutions with ``C_in * C_out / (C_in + C_out) >= MIN_WORK`` and inputs of at
+least ``MIN_SIZE`` pixels (or of sizes unknown until run time) are converted.
 
 The transforms run as XLA programs (each one fused loop), the product as
 TensorFlow's batched matmul (oneDNN). The result equals the direct convolution
@@ -33,11 +34,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["MIN_WORK", "WinogradConv2D", "transform_kernel", "winograd_candidates", "winograd_model"]
+__all__ = ["MIN_SIZE", "MIN_WORK", "WinogradConv2D", "transform_kernel", "winograd_candidates", "winograd_model"]
 
 OUT_TILE = 4  # m: output block side
 IN_TILE = OUT_TILE + 2  # m + r - 1 with r = 3
 MIN_WORK = 64  # C_in * C_out / (C_in + C_out): 128 x 128 channels and wider
+MIN_SIZE = 16  # input height and width (when known): at least 4 x 4 tiles per image
 
 # F(4x4, 3x3) with the interpolation points 0, 1, -1, 2, -2 and infinity.
 _BT = np.array([[4, 0, -5, 0, 1, 0],
@@ -157,13 +159,23 @@ def _channels_in(layer) -> int:
     return int(layer.kernel.shape[2])
 
 
-def winograd_candidates(model: keras.Model, min_work: float = MIN_WORK) -> list[str]:
+def _spatial_size(layer) -> int | None:
+    """The smaller of the layer's input height and width, None when unknown (built with None)."""
+    inputs = keras.tree.flatten(layer._inbound_nodes[0].input_tensors) if layer._inbound_nodes else []
+    dims = [d for t in inputs[:1] for d in tuple(t.shape)[1:3]]
+    return None if len(dims) != 2 or None in dims else min(dims)
+
+
+def winograd_candidates(model: keras.Model, min_work: float = MIN_WORK, min_size: int = MIN_SIZE) -> list[str]:
     """Names of the convolutions `winograd_model` converts.
 
     Those are `keras.layers.Conv2D` layers (and subclasses that keep its
     computation) with a 3x3 kernel, stride 1, no dilation, one group, 'same'
-    padding, channels last, no activation, float32 computation, and
-    ``C_in * C_out / (C_in + C_out) >= min_work``.
+    padding, channels last, no activation, float32 computation,
+    ``C_in * C_out / (C_in + C_out) >= min_work``, and an input of at least
+    `min_size` pixels in height and width, or of a size unknown until run time
+    (smaller images have too few tiles to gain, and each layer size costs an XLA
+    compilation).
     """
     names = []
     for layer in model.layers:
@@ -175,19 +187,20 @@ def winograd_candidates(model: keras.Model, min_work: float = MIN_WORK) -> list[
                 or not (layer.activation is None or getattr(layer.activation, "__name__", "") == "linear")):
             continue
         cin, cout = _channels_in(layer), layer.filters
-        if cin * cout / (cin + cout) >= min_work:
+        size = _spatial_size(layer)
+        if cin * cout / (cin + cout) >= min_work and (size is None or size >= min_size):
             names.append(layer.name)
     return names
 
 
-def winograd_model(model: keras.Model, min_work: float = MIN_WORK) -> keras.Model:
+def winograd_model(model: keras.Model, min_work: float = MIN_WORK, min_size: int = MIN_SIZE) -> keras.Model:
     """An inference copy of `model` with its wide 3x3 convolutions computed by Winograd F(4x4, 3x3).
 
     Args:
       model: a functional Keras model (typically the output of
         `flair_tf.models.folding.fold_batchnorm`, so that the convolutions
         carry the BatchNorm and their bias).
-      min_work: the threshold of `winograd_candidates`.
+      min_work, min_size: the thresholds of `winograd_candidates`.
 
     Returns:
       a new model with the same inputs, outputs, name and layer names, the
@@ -195,7 +208,7 @@ def winograd_model(model: keras.Model, min_work: float = MIN_WORK) -> keras.Mode
       outputs equal the original's up to float rounding (about 1e-5 of each
       layer's output range). `model` is left unchanged.
     """
-    names = set(winograd_candidates(model, min_work))
+    names = set(winograd_candidates(model, min_work, min_size))
 
     def clone(layer):
         if layer.name in names:

@@ -82,16 +82,29 @@ def test_candidates_are_the_wide_3x3_stride_1_convolutions():
     y = L.Conv2D(256, 3, padding="same", name="concatenating")([y, y])
     y = keras.layers.Conv2D(64, 3, padding="same", name="below")(y)  # 256 * 64 / 320 = 51.2
     model = keras.Model(x, y)
-    assert winograd_candidates(model) == ["wide", "concatenating"]
-    assert winograd_candidates(model, min_work=50) == ["wide", "concatenating", "below"]
+    # stride 2 and 'valid' leave the later layers 6 x 6 px: below the default MIN_SIZE (16)
+    assert winograd_candidates(model) == ["wide"]
+    assert winograd_candidates(model, min_size=7) == ["wide"]
+    assert winograd_candidates(model, min_size=6) == ["wide", "concatenating"]
+    assert winograd_candidates(model, min_work=50, min_size=6) == ["wide", "concatenating", "below"]
+
+
+def test_size_rule_on_the_unet():
+    """From 512 px down to layer4's 16 px all 27 qualify; at 256 px not layer4; unknown sizes qualify."""
+    folded = {size: fold_batchnorm(build_model({"arch": "unet", "input_size": size})) for size in (256, 512, None)}
+    assert len(winograd_candidates(folded[512])) == 27
+    assert len(winograd_candidates(folded[None])) == 27
+    at_256 = winograd_candidates(folded[256])
+    assert len(at_256) == 22 and not any(name.startswith("encoder.layer4.") for name in at_256)
 
 
 def test_winograd_unet_computes_the_folded_unet_outputs():
     keras.utils.set_random_seed(0)
     model = build_model({"arch": "unet", "input_size": 64, "use_metadata": True})
     folded = fold_batchnorm(model)
-    converted = winograd_model(folded)
-    names = winograd_candidates(folded)
+    converted = winograd_model(folded, min_size=0)  # 64 px: layer4 at 2 x 2 px, one partial tile
+    names = winograd_candidates(folded, min_size=0)
+    assert winograd_candidates(folded) == []  # the default leaves images this small alone
     # layer2-4 of the encoder without the strided first convolutions, decoder blocks 0 and 1
     assert len(names) == 27 and "decoder.blocks.0.conv1.0" in names and "decoder.blocks.2.conv1.0" not in names
     assert [layer.name for layer in converted.layers] == [layer.name for layer in folded.layers]
@@ -108,14 +121,30 @@ def test_winograd_unet_computes_the_folded_unet_outputs():
     assert (np.argmax(got, -1) == np.argmax(want, -1)).mean() > 0.999
 
 
+def test_winograd_utt_computes_the_folded_utt_outputs():
+    """U-T&T: the aerial U-Net's wide convolutions are converted, U-TAE's (reflect padding) are not."""
+    keras.utils.set_random_seed(0)
+    folded = fold_batchnorm(build_model({"arch": "utt", "input_size": 64, "num_dates": 3}))
+    names = winograd_candidates(folded, min_size=0)
+    assert len(names) == 27 and all(name.startswith("arch_vhr.") for name in names)
+    converted = winograd_model(folded, min_size=0)
+    rng = np.random.RandomState(0)
+    x = {"aerial": rng.randint(0, 256, (2, 64, 64, 5)).astype(np.uint8),
+         "sentinel": (rng.rand(2, 3, 40, 40, 10) * 2000).astype(np.float32),
+         "sentinel_dates": np.tile(np.array([-100, 0, 60], np.float32), (2, 1)),
+         "sentinel_pad_mask": np.zeros((2, 3), bool)}
+    want, got = folded(x, training=False), converted(x, training=False)
+    for key in ("aerial", "sentinel"):
+        assert _rel(got[key], want[key]) < 5e-5
+
+
 def test_winograd_model_with_unknown_input_size_and_saved(tmp_path):
     keras.utils.set_random_seed(0)
     folded = fold_batchnorm(build_model({"arch": "unet", "input_size": None}))
     converted = winograd_model(folded)
     rng = np.random.RandomState(0)
-    for size in (32, 64):
-        x = {"aerial": rng.randint(0, 256, (1, size, size, 5)).astype(np.uint8)}
-        assert _rel(converted(x)["aerial"], folded(x)["aerial"]) < 5e-5
+    x = {"aerial": rng.randint(0, 256, (1, 32, 48, 5)).astype(np.uint8)}  # (sizes: test_unknown_spatial_sizes...)
+    assert _rel(converted(x)["aerial"], folded(x)["aerial"]) < 5e-5
     path = str(tmp_path / "winograd.keras")
     converted.save(path)
     back = keras.models.load_model(path)
