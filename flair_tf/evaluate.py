@@ -154,7 +154,7 @@ def evaluate_model(model, dataset, num_classes: int, total: int | None = None,
 
 def evaluate(model_dir: str | None, data_dir: str, split: str = "val", conventions: Iterable[str] | None = None,
              batch_size: int = 8, output_dir: str | None = None, weights: str | None = None,
-             logdir: str | None = None, progress: bool = True) -> dict[str, Any]:
+             logdir: str | None = None, progress: bool = True, winograd: bool | None = None) -> dict[str, Any]:
     """Evaluates a training run on a split and writes the report (the library entry point).
 
     Args:
@@ -168,6 +168,7 @@ def evaluate(model_dir: str | None, data_dir: str, split: str = "val", conventio
       logdir: TensorBoard folder; default ``<model_dir>/logs/evaluation``, or
         ``<output_dir>/logs`` when ``output_dir`` is given.
       progress: progress bar.
+      winograd: `model_io.load_model`'s switch (None: on CPU-only machines).
 
     Returns:
       ``{"conventions": {conv: scores}, "paths": {...}, "num_patches": n, ...}``.
@@ -183,7 +184,7 @@ def evaluate(model_dir: str | None, data_dir: str, split: str = "val", conventio
     if data_k != k:
         raise ValueError(f"{run_dir}: model_config.json says {k} classes but data_config.json {data_k}; "
                          "the run folder is inconsistent")
-    loaded = model_io.load_model(run_dir, weights)
+    loaded = model_io.load_model(run_dir, weights, winograd=winograd)
     dataset = model_io.eval_dataset(data_dir, split, loaded.data_config, batch_size, keep_keys=("has_label",))
     cm, n = evaluate_model(loaded.model, dataset, k, model_io.split_size(data_dir, split), progress)
     results = scores_by_convention(cm, conventions)
@@ -205,7 +206,7 @@ FLAGS = flags.FLAGS
 
 def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     """Flags of ``python -m flair_tf.evaluate`` (safe to call twice)."""
-    from flair_tf.inference import define_flag
+    from flair_tf.inference import define_flag, model_io
 
     f = flags
     define_flag(f.DEFINE_string, "model_dir", None,
@@ -221,14 +222,18 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                 "Default: 13 for 13-class models, 19,13 for 19-class models.", fv)
     define_flag(f.DEFINE_integer, "batch_size", 8, "Evaluation batch size.", fv)
     define_flag(f.DEFINE_string, "output_dir", None, "Report folder; default <model_dir>/evaluation/<split>.", fv)
+    define_flag(f.DEFINE_enum, "winograd", "auto", list(model_io.WINOGRAD_FLAG_VALUES), model_io.WINOGRAD_FLAG_HELP, fv)
 
 
 def main(argv) -> None:
     del argv
     if not FLAGS.data_dir or not (FLAGS.model_dir or FLAGS.weights):
         raise app.UsageError("--data_dir and --model_dir (or --weights) are required")
+    from flair_tf.inference import model_io
+
     result = evaluate(FLAGS.model_dir, FLAGS.data_dir, FLAGS.split, FLAGS.nomenclature or None,
-                      FLAGS.batch_size, FLAGS.output_dir, FLAGS.weights)
+                      FLAGS.batch_size, FLAGS.output_dir, FLAGS.weights,
+                      winograd=model_io.winograd_setting(FLAGS.winograd))
     from flair_tf.inference import report
 
     for conv, s in result["conventions"].items():

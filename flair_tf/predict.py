@@ -49,7 +49,7 @@ def patch_predict_step(model, tta: bool = False):
 
 def predict_patches(model_dir: str | None, data_dir: str, split: str = "test", output_dir: str | None = None,
                     batch_size: int = 8, georeferenced: bool = False, tta: bool = False,
-                    weights: str | None = None) -> dict[str, Any]:
+                    weights: str | None = None, winograd: bool | None = None) -> dict[str, Any]:
     """Writes one ``PRED_<id>.tif`` per record of ``split`` (library entry point of patch mode).
 
     Args:
@@ -62,13 +62,14 @@ def predict_patches(model_dir: str | None, data_dir: str, split: str = "test", o
         instead of the (non-georeferenced) challenge format.
       tta: average the probabilities over 4 flips (aerial-only models).
       weights: weights file; default the run's best checkpoint.
+      winograd: `model_io.load_model`'s switch (None: on CPU-only machines).
 
     Returns:
       ``{"output_dir": ..., "num_files": n, "num_classes": k}``.
     """
     from flair_tf.inference import model_io, patches
 
-    loaded = model_io.load_model(model_dir, weights)
+    loaded = model_io.load_model(model_dir, weights, winograd=winograd)
     out_dir = output_dir or os.path.join(loaded.model_dir, f"predictions_{split}")
     keep = ("crs_wkt", "transform") if georeferenced else ()
     dataset = model_io.eval_dataset(data_dir, split, loaded.data_config, batch_size, keep_keys=keep)
@@ -88,7 +89,7 @@ def predict_patches(model_dir: str | None, data_dir: str, split: str = "test", o
 
 
 def predict_raster(model_dir: str | None, input_path: str, output_path: str | None = None,
-                   config=None, weights: str | None = None) -> dict[str, Any]:
+                   config=None, weights: str | None = None, winograd: bool | None = None) -> dict[str, Any]:
     """Predicts a whole raster (library entry point of raster mode).
 
     Args:
@@ -97,6 +98,7 @@ def predict_raster(model_dir: str | None, input_path: str, output_path: str | No
       output_path: output GeoTIFF; default ``<model_dir>/prediction/<name>_<output_type>.tif``.
       config: :class:`flair_tf.inference.raster.RasterConfig`.
       weights: weights file; default the run's best checkpoint.
+      winograd: `model_io.load_model`'s switch (None: on CPU-only machines).
     """
     from flair_tf.inference import model_io, raster
 
@@ -113,7 +115,7 @@ def predict_raster(model_dir: str | None, input_path: str, output_path: str | No
         )
     if cfg.tile_size % 32:
         raise ValueError(f"--tile_size must be a multiple of 32 for the U-Net. Received: {cfg.tile_size}")
-    loaded = model_io.load_model(run_dir, weights, any_size=True)
+    loaded = model_io.load_model(run_dir, weights, any_size=True, winograd=winograd)
     size = loaded.model_config.get("input_size")
     if not loaded.any_size and size and int(size) != cfg.tile_size:
         raise ValueError(f"This model was built for {size}x{size} inputs; use --tile_size={size}")
@@ -131,7 +133,7 @@ FLAGS = flags.FLAGS
 
 def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     """Flags of ``python -m flair_tf.predict`` (safe to call twice)."""
-    from flair_tf.inference import define_flag
+    from flair_tf.inference import define_flag, model_io
 
     f = flags
     define_flag(f.DEFINE_string, "model_dir", None,
@@ -140,6 +142,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     define_flag(f.DEFINE_integer, "batch_size", 8, "Patches (patch mode) or tiles (raster mode) per model call.", fv)
     define_flag(f.DEFINE_boolean, "tta", False,
                 "Test-time augmentation: average the probabilities over 4 flips (aerial-only models).", fv)
+    define_flag(f.DEFINE_enum, "winograd", "auto", list(model_io.WINOGRAD_FLAG_VALUES), model_io.WINOGRAD_FLAG_HELP, fv)
     # Patch mode.
     define_flag(f.DEFINE_string, "data_dir", None, "Patch mode: TFRecords folder (with dataset_info.json).", fv)
     define_flag(f.DEFINE_string, "split", "test", "Patch mode: record split to predict.", fv)
@@ -170,15 +173,16 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
 
 def main(argv) -> None:
     del argv
-    from flair_tf.inference import raster
+    from flair_tf.inference import model_io, raster
 
     if not (FLAGS.model_dir or FLAGS.weights):
         raise app.UsageError("--model_dir (or --weights) is required")
     if bool(FLAGS.input) == bool(FLAGS.data_dir):
         raise app.UsageError("Give either --data_dir (patch mode) or --input (raster mode)")
+    winograd = model_io.winograd_setting(FLAGS.winograd)
     if FLAGS.data_dir:
         result = predict_patches(FLAGS.model_dir, FLAGS.data_dir, FLAGS.split, FLAGS.output_dir,
-                                 FLAGS.batch_size, FLAGS.georeferenced, FLAGS.tta, FLAGS.weights)
+                                 FLAGS.batch_size, FLAGS.georeferenced, FLAGS.tta, FLAGS.weights, winograd)
         print(f"Wrote {result['num_files']} PRED_<id>.tif files ({result['num_classes']}-class indices) to "
               f"{result['output_dir']}\n  score them: python tools/compute_miou.py --pred_dir={result['output_dir']} "
               "--mask_dir=<folder of MSK_*.tif>", file=sys.stdout)
@@ -187,11 +191,11 @@ def main(argv) -> None:
         bands=tuple(int(b) for b in FLAGS.bands), tile_size=FLAGS.tile_size, margin=FLAGS.margin,
         batch_size=FLAGS.batch_size, output_type=FLAGS.output_type, blend=FLAGS.blend, tta=FLAGS.tta,
         nodata=float(FLAGS.nodata) if FLAGS.nodata not in (None, "") else None, output_nodata=FLAGS.output_nodata)
-    summary = predict_raster(FLAGS.model_dir, FLAGS.input, FLAGS.output, cfg, FLAGS.weights)
+    summary = predict_raster(FLAGS.model_dir, FLAGS.input, FLAGS.output, cfg, FLAGS.weights, winograd)
     lines = [f"Wrote {summary['output']} ({summary['width']}x{summary['height']} px, {cfg.output_type}, "
              f"{summary['tiles']} tiles, {summary['seconds']:.1f} s, {summary['megapixels_per_second']:.2f} MP/s)"]
     if FLAGS.preview and cfg.output_type == "argmax":
-        from flair_tf.inference import model_io, report
+        from flair_tf.inference import report
 
         num_classes = int(model_io.read_configs(model_io.run_dir_of(FLAGS.model_dir, FLAGS.weights))[0]
                           .get("num_classes", 13))

@@ -162,3 +162,17 @@ def test_load_model_computes_wide_convolutions_by_winograd_on_cpu(unet13_run):
     x = {"aerial": np.random.default_rng(0).integers(0, 256, (2, 64, 64, 5), dtype=np.uint8)}
     a, b = auto(x, training=False)["aerial"].numpy(), direct(x, training=False)["aerial"].numpy()
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5 * np.abs(b).max())
+
+
+def test_winograd_flag_values():
+    from absl import flags
+
+    from flair_tf.inference import model_io
+
+    assert [model_io.winograd_setting(v) for v in ("auto", "on", "off")] == [None, True, False]
+    with pytest.raises(ValueError, match="--winograd must be one of"):
+        model_io.winograd_setting("yes")
+    fv = flags.FlagValues()
+    evaluate.define_flags(fv)
+    fv(["evaluate", "--winograd=off"])
+    assert model_io.winograd_setting(fv.winograd) is False

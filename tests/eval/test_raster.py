@@ -244,20 +244,40 @@ def test_tiles_are_read_window_by_window(tmp_path, monkeypatch):
     assert max(h for h, _ in reads) <= 64 and max(w for _, w in reads) <= 64
 
 
-def test_predict_cli_raster_mode_with_a_training_run(unet13_run, tmp_path, capsys):
+def test_predict_cli_raster_mode_with_a_training_run(unet13_run, tmp_path, capsys, monkeypatch):
     from absl import flags
     from absl.testing import flagsaver
 
     from flair_tf import predict
+    from flair_tf.inference import model_io
+    from flair_tf.models.winograd import WinogradConv2D
 
     image = np.random.default_rng(8).integers(0, 256, (100, 150, 5), dtype=np.uint8)
     path = _write_raster(tmp_path / "ortho.tif", image)
     out = tmp_path / "map.tif"
+    loads = []  # (winograd argument, Winograd layers of the model loaded)
+    real_load_model = model_io.load_model
+
+    def recording_load_model(*args, **kwargs):
+        loaded = real_load_model(*args, **kwargs)
+        loads.append((kwargs.get("winograd"), sum(isinstance(lay, WinogradConv2D) for lay in loaded.model.layers)))
+        return loaded
+
+    monkeypatch.setattr(model_io, "load_model", recording_load_model)
     predict.define_flags()
+    argv = ["predict", f"--model_dir={unet13_run}", f"--input={path}", "--tile_size=64", "--margin=16",
+            "--batch_size=2"]
     with flagsaver.flagsaver():
-        flags.FLAGS(["predict", f"--model_dir={unet13_run}", f"--input={path}", f"--output={out}",
-                     "--tile_size=64", "--margin=16", "--batch_size=2"])
+        flags.FLAGS(argv + [f"--output={out}"])
         predict.main([])
+    # raster mode rebuilds the U-Net size-free: on this CPU-only machine its 27 wide layers run Winograd
+    assert loads == [(None, 27)]
+    with flagsaver.flagsaver():
+        flags.FLAGS(argv + [f"--output={tmp_path / 'direct.tif'}", "--winograd=off", "--nopreview"])
+        predict.main([])
+    assert loads[-1] == (False, 0)
+    with rasterio.open(tmp_path / "direct.tif") as direct, rasterio.open(out) as winograd:
+        assert (direct.read(1) == winograd.read(1)).mean() > 0.999
     assert str(out) in capsys.readouterr().out
     with rasterio.open(out) as dst:
         data = dst.read(1)
