@@ -229,13 +229,11 @@ def main(argv) -> None:
     del argv
     if not FLAGS.data_dir or not (FLAGS.model_dir or FLAGS.weights):
         raise app.UsageError("--data_dir and --model_dir (or --weights) are required")
-    from flair_tf.inference import model_io
+    from flair_tf.inference import model_io, report
 
     result = evaluate(FLAGS.model_dir, FLAGS.data_dir, FLAGS.split, FLAGS.nomenclature or None,
                       FLAGS.batch_size, FLAGS.output_dir, FLAGS.weights,
                       winograd=model_io.winograd_setting(FLAGS.winograd))
-    from flair_tf.inference import report
-
     for conv, s in result["conventions"].items():
         print(report.markdown_table(s))
     lines = [f"Evaluated {result['num_patches']} patches of split '{FLAGS.split}' in {result['seconds']:.1f} s."]

@@ -10,9 +10,10 @@ Measured (random data, after warm-up steps that include tracing/compilation):
 * ``infer_images_per_s``: ``predict_on_batch`` at ``--infer_batch`` (4) images, of
   the inference model that ``flair_tf.evaluate`` / ``predict`` / ``export`` load:
   BatchNorm folded into the convolutions (`flair_tf.models.folding`;
-  ``--nofold_batchnorm`` times the model as trained), then, as they load it
-  on a machine without GPU or TPU, the wide 3x3 convolutions computed by
-  Winograd F(4x4, 3x3) (`flair_tf.models.winograd`; ``--nowinograd``: direct);
+  ``--nofold_batchnorm`` times the model as trained), then, as evaluate and
+  predict load it on a machine without GPU or TPU, the wide 3x3 convolutions
+  computed by Winograd F(4x4, 3x3) (`flair_tf.models.winograd`;
+  ``--nowinograd``: direct);
 * for U-T&T the Sentinel-2 input is 12 monthly dates of 40 x 40 x 10.
 
 Our models run under every combination of oneDNN (``TF_ENABLE_ONEDNN_OPTS``
@@ -61,7 +62,8 @@ flags.DEFINE_bool("torch", True, "Also time smp's U-Net in PyTorch when installe
 flags.DEFINE_bool("fold_batchnorm", True, "Time our inference on the model with its BatchNorm folded into the "
                   "convolutions, as flair_tf.evaluate/predict/export run it (models.folding); False: as trained.")
 flags.DEFINE_bool("winograd", True, "After folding, compute the wide 3x3 convolutions by Winograd F(4x4, 3x3) "
-                  "(models.winograd), as flair_tf.evaluate/predict run it on CPU; False: direct convolutions.")
+                  "(models.winograd) where no GPU or TPU is visible, as flair_tf.evaluate/predict run them; False: "
+                  "direct convolutions.")
 flags.DEFINE_integer("rounds", 5, "Head-to-head rounds (ours, then PyTorch, alternated); 0 skips it.")
 flags.DEFINE_string("_worker", None, "Internal: run one measurement (JSON spec) and print its JSON.")
 flags.DEFINE_string("_serve", None, "Internal: persistent worker of the head-to-head (JSON spec).")
@@ -83,6 +85,7 @@ def _keras_worker(spec):
 
     from flair_tf.models import build_model  # noqa: PLC0415
     from flair_tf.models.folding import fold_batchnorm  # noqa: PLC0415
+    from flair_tf.inference import model_io  # noqa: PLC0415
     from flair_tf.models.winograd import winograd_model  # noqa: PLC0415
     from flair_tf.training import optimizers  # noqa: PLC0415
 
@@ -113,7 +116,7 @@ def _keras_worker(spec):
     if spec.get("fold", True):
         # The inference model flair_tf.evaluate / predict / export run (model_io.load_model).
         infer = fold_batchnorm(model)
-        if spec.get("winograd", True):
+        if spec.get("winograd", True) and model_io.winograd_by_default():
             infer = winograd_model(infer)  # float32 layers only: a no-op under mixed_bfloat16
         infer.compile(jit_compile=spec["jit"])
     return (lambda: model.train_on_batch(xt, yt)), (lambda: infer.predict_on_batch(xi))

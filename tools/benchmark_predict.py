@@ -26,8 +26,8 @@ Figures (the model runs on this machine's CPU unless a GPU is visible):
 
 Every measurement runs in its own subprocess (``--worker``) so that peak RSS
 is per raster size. ``--model=unet`` is the real U-Net/ResNet34 (random
-weights: speed does not depend on them; BatchNorm folded, as ``flair_tf.predict``
-loads it); ``--model=small`` is a 3-layer
+weights: speed does not depend on them; BatchNorm folded and, where no GPU or TPU
+is visible, the wide convolutions by Winograd, as ``flair_tf.predict`` loads it); ``--model=small`` is a 3-layer
 convolutional stand-in for quick runs (``--rss_model=small`` measures the
 memory bound on big rasters without waiting for the U-Net).
 
@@ -68,11 +68,15 @@ def _model(kind: str):
     from flair_tf.inference import model_io
     from flair_tf.models import build_model
     from flair_tf.models.folding import fold_batchnorm
+    from flair_tf.models.winograd import winograd_model
 
     keras.utils.set_random_seed(0)
     if kind == "unet":
-        # BatchNorm folded, as model_io.load_model gives it to flair_tf.predict.
+        # As model_io.load_model gives it to flair_tf.predict: BatchNorm folded, size-free, and on a
+        # machine without GPU or TPU the wide convolutions by Winograd.
         model = fold_batchnorm(build_model({"arch": "unet", "num_classes": 13, "in_channels": 5}))
+        if model_io.winograd_by_default():
+            model = winograd_model(model)
         return model_io.aerial_model_fn(model)
     inp = keras.Input((None, None, 5))
     x = keras.layers.Rescaling(1 / 255.0)(inp)

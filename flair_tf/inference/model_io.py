@@ -90,6 +90,13 @@ WINOGRAD_FLAG_HELP = ("Compute the wide 3x3 convolutions by Winograd F(4x4, 3x3)
                       "visible; off: direct convolutions everywhere.")
 
 
+def winograd_by_default() -> bool:
+    """`load_model`'s ``winograd=None``: True when this process sees no GPU or TPU."""
+    import tensorflow as tf
+
+    return not any(d.device_type in ("GPU", "TPU") for d in tf.config.list_logical_devices())
+
+
 def winograd_setting(flag_value: str) -> bool | None:
     """The ``winograd`` argument of `load_model` for a ``--winograd`` flag value (auto, on, off)."""
     if flag_value not in WINOGRAD_FLAG_VALUES:
@@ -152,7 +159,7 @@ def load_model(model_dir: str | None, weights: str | None = None, any_size: bool
 
         model = fold(model)
         if winograd is None:
-            winograd = not any(d.device_type in ("GPU", "TPU") for d in tf.config.list_logical_devices())
+            winograd = winograd_by_default()
         if winograd:
             from flair_tf.models.winograd import winograd_model
 
