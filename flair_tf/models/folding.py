@@ -23,7 +23,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-__all__ = ["FoldedBatchNorm", "fold_batchnorm", "foldable_pairs"]
+__all__ = ["FoldedBatchNorm", "fold_batchnorm", "foldable_pairs", "rebuild"]
 
 
 @keras.saving.register_keras_serializable(package="flair_tf")
@@ -44,7 +44,8 @@ def _producer(tensor):
     return getattr(history, "operation", None) if history is not None else None
 
 
-def _is_linear(activation) -> bool:
+def is_linear(activation) -> bool:
+    """Whether a Keras layer's activation is the identity (None or ``linear``)."""
     return activation is None or activation is keras.activations.linear or \
         getattr(activation, "__name__", "") == "linear"
 
@@ -68,7 +69,7 @@ def foldable_pairs(model: keras.Model) -> dict[str, str]:
         rank = len(inputs[0].shape)
         if (len(conv._inbound_nodes) != 1 or len(conv._outbound_nodes) != 1
                 or id(inputs[0]) in outputs
-                or conv.data_format != "channels_last" or not _is_linear(conv.activation)
+                or conv.data_format != "channels_last" or not is_linear(conv.activation)
                 or bn.axis not in (-1, rank - 1) or getattr(bn, "renorm", False)):
             continue
         pairs[conv.name] = bn.name
@@ -114,21 +115,40 @@ def fold_batchnorm(model: keras.Model) -> keras.Model:
     pairs = foldable_pairs(model)
     bns = {bn: conv for conv, bn in pairs.items()}
 
-    def clone(layer):
+    def replace(layer):
         if layer.name in bns:
             return FoldedBatchNorm(name=layer.name, dtype=layer.dtype_policy.name)
-        config = layer.get_config()
         if layer.name in pairs:
-            config["use_bias"] = True
-        return layer.__class__.from_config(config)
+            return layer.__class__.from_config({**layer.get_config(), "use_bias": True})
+        return None
 
-    folded = keras.models.clone_model(model, clone_function=clone)
-    for layer in folded.layers:
-        if layer.name in bns or not layer.weights:  # (a cloned unnamed Input gets a new name)
+    def weights(source):
+        return _folded_weights(source, model.get_layer(pairs[source.name])) if source.name in pairs else None
+
+    return rebuild(model, replace, weights)
+
+
+def rebuild(model: keras.Model, replace, weights) -> keras.Model:
+    """A copy of a functional model with some layers replaced (the inference transforms' common part).
+
+    Args:
+      model: the functional model.
+      replace: ``layer -> new layer or None`` (None: a copy from the layer's config).
+      weights: ``source layer -> weights of its counterpart, or None`` (None: the
+        source's own weights); called for the counterparts that have weights.
+
+    Returns:
+      the new model, same inputs, outputs, name and layer names.
+    """
+    def clone(layer):
+        new = replace(layer)
+        return new if new is not None else layer.__class__.from_config(layer.get_config())
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    for layer in copy.layers:
+        if not layer.weights:  # (also a cloned unnamed Input, which gets a new name)
             continue
         source = model.get_layer(layer.name)
-        if layer.name in pairs:
-            layer.set_weights(_folded_weights(source, model.get_layer(pairs[layer.name])))
-        else:
-            layer.set_weights(source.get_weights())
-    return folded
+        new_weights = weights(source)
+        layer.set_weights(source.get_weights() if new_weights is None else new_weights)
+    return copy

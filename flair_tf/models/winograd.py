@@ -34,6 +34,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from flair_tf.models.folding import is_linear, rebuild
+
 __all__ = ["MIN_SIZE", "MIN_WORK", "WinogradConv2D", "transform_kernel", "winograd_candidates", "winograd_model"]
 
 OUT_TILE = 4  # m: output block side
@@ -155,10 +157,6 @@ class WinogradConv2D(keras.layers.Layer):
         return {**super().get_config(), "filters": self.filters}
 
 
-def _channels_in(layer) -> int:
-    return int(layer.kernel.shape[2])
-
-
 def _spatial_size(layer) -> int | None:
     """The smaller of the layer's input height and width, None when unknown (built with None)."""
     inputs = keras.tree.flatten(layer._inbound_nodes[0].input_tensors) if layer._inbound_nodes else []
@@ -184,9 +182,9 @@ def winograd_candidates(model: keras.Model, min_work: float = MIN_WORK, min_size
         if (tuple(layer.kernel_size) != (3, 3) or tuple(layer.strides) != (1, 1)
                 or tuple(layer.dilation_rate) != (1, 1) or layer.groups != 1 or layer.padding != "same"
                 or layer.data_format != "channels_last" or layer.compute_dtype != "float32"
-                or not (layer.activation is None or getattr(layer.activation, "__name__", "") == "linear")):
+                or not is_linear(layer.activation)):
             continue
-        cin, cout = _channels_in(layer), layer.filters
+        cin, cout = int(layer.kernel.shape[2]), layer.filters
         size = _spatial_size(layer)
         if cin * cout / (cin + cout) >= min_work and (size is None or size >= min_size):
             names.append(layer.name)
@@ -210,20 +208,16 @@ def winograd_model(model: keras.Model, min_work: float = MIN_WORK, min_size: int
     """
     names = set(winograd_candidates(model, min_work, min_size))
 
-    def clone(layer):
+    def replace(layer):
         if layer.name in names:
             return WinogradConv2D(layer.filters, name=layer.name, dtype=layer.dtype_policy.name)
-        return layer.__class__.from_config(layer.get_config())
+        return None
 
-    converted = keras.models.clone_model(model, clone_function=clone)
-    for layer in converted.layers:
-        if not layer.weights:
-            continue
-        source = model.get_layer(layer.name)
-        if layer.name in names:
-            bias = source.bias.numpy() if source.use_bias else np.zeros(source.filters)
-            dtype = keras.backend.standardize_dtype(source.kernel.dtype)
-            layer.set_weights([transform_kernel(source.kernel.numpy()).astype(dtype), np.asarray(bias, dtype)])
-        else:
-            layer.set_weights(source.get_weights())
-    return converted
+    def weights(source):
+        if source.name not in names:
+            return None
+        bias = source.bias.numpy() if source.use_bias else np.zeros(source.filters)
+        dtype = keras.backend.standardize_dtype(source.kernel.dtype)
+        return [transform_kernel(source.kernel.numpy()).astype(dtype), np.asarray(bias, dtype)]
+
+    return rebuild(model, replace, weights)
