@@ -84,9 +84,7 @@ def _keras_worker(spec):
     import numpy as np  # noqa: PLC0415
 
     from flair_tf.models import build_model  # noqa: PLC0415
-    from flair_tf.models.folding import fold_batchnorm  # noqa: PLC0415
     from flair_tf.inference import model_io  # noqa: PLC0415
-    from flair_tf.models.winograd import winograd_model  # noqa: PLC0415
     from flair_tf.training import optimizers  # noqa: PLC0415
 
     keras.mixed_precision.set_global_policy(spec.get("policy", "float32"))
@@ -115,9 +113,9 @@ def _keras_worker(spec):
     infer = model
     if spec.get("fold", True):
         # The inference model flair_tf.evaluate / predict / export run (model_io.load_model).
-        infer = fold_batchnorm(model)
-        if spec.get("winograd", True) and model_io.winograd_by_default():
-            infer = winograd_model(infer)  # float32 layers only: a no-op under mixed_bfloat16
+        # Winograd only where load_model would use it, and on float32 layers only (a no-op under
+        # mixed_bfloat16).
+        infer = model_io.inference_model(model, winograd=None if spec.get("winograd", True) else False)
         infer.compile(jit_compile=spec["jit"])
     return (lambda: model.train_on_batch(xt, yt)), (lambda: infer.predict_on_batch(xi))
 

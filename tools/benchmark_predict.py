@@ -67,16 +67,12 @@ def _model(kind: str):
 
     from flair_tf.inference import model_io
     from flair_tf.models import build_model
-    from flair_tf.models.folding import fold_batchnorm
-    from flair_tf.models.winograd import winograd_model
 
     keras.utils.set_random_seed(0)
     if kind == "unet":
         # As model_io.load_model gives it to flair_tf.predict: BatchNorm folded, size-free, and on a
         # machine without GPU or TPU the wide convolutions by Winograd.
-        model = fold_batchnorm(build_model({"arch": "unet", "num_classes": 13, "in_channels": 5}))
-        if model_io.winograd_by_default():
-            model = winograd_model(model)
+        model = model_io.inference_model(build_model({"arch": "unet", "num_classes": 13, "in_channels": 5}))
         return model_io.aerial_model_fn(model)
     inp = keras.Input((None, None, 5))
     x = keras.layers.Rescaling(1 / 255.0)(inp)

@@ -104,6 +104,28 @@ def winograd_setting(flag_value: str) -> bool | None:
     return WINOGRAD_FLAG_VALUES[flag_value]
 
 
+def inference_model(model, fold_batchnorm: bool = True, winograd: bool | None = None):
+    """The inference copy of a trained model that `load_model` gives (and the benchmarks time).
+
+    BatchNorm folded into the convolutions (`flair_tf.models.folding`), then,
+    with `winograd` (None: when the process sees no GPU or TPU), the wide 3x3
+    convolutions computed by Winograd F(4x4, 3x3) (`flair_tf.models.winograd`).
+    Without `fold_batchnorm`, `model` itself (`winograd` is ignored).
+    """
+    if not fold_batchnorm:
+        return model
+    from flair_tf.models.folding import fold_batchnorm as fold
+
+    model = fold(model)
+    if winograd is None:
+        winograd = winograd_by_default()
+    if winograd:
+        from flair_tf.models.winograd import winograd_model
+
+        model = winograd_model(model)
+    return model
+
+
 def load_model(model_dir: str | None, weights: str | None = None, any_size: bool = False,
                fold_batchnorm: bool = True, winograd: bool | None = None) -> LoadedModel:
     """Rebuilds the model of a training run and loads its weights, for inference.
@@ -154,16 +176,7 @@ def load_model(model_dir: str | None, weights: str | None = None, any_size: bool
         build_config["input_size"] = None
     model = build_model(build_config)
     model.load_weights(_local_copy(weights))
-    if fold_batchnorm:
-        from flair_tf.models.folding import fold_batchnorm as fold
-
-        model = fold(model)
-        if winograd is None:
-            winograd = winograd_by_default()
-        if winograd:
-            from flair_tf.models.winograd import winograd_model
-
-            model = winograd_model(model)
+    model = inference_model(model, fold_batchnorm, winograd)
     logging.info("Loaded %s (%s, %s classes) from %s", model_config.get("arch"), model.name,
                  model_config.get("num_classes"), weights)
     return LoadedModel(model, model_config, data_config, weights, model_dir, any_size)
