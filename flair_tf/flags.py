@@ -64,6 +64,11 @@ def define_data_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     d(flags.DEFINE_boolean, "augment", False, "Random flips and 90-degree rotations of aerial image and labels (train only).")
     d(flags.DEFINE_boolean, "augment_sentinel", False,
       "Apply the same flips/rotations to the Sentinel-2 patch (the reference does not).")
+    d(flags.DEFINE_enum, "aerial_on", "auto", ["auto", "device", "host"],
+      "Where the per-pixel aerial work of training batches runs (band interleave, class remap, "
+      "--augment's flips and rotations): device = in the training step, on the accelerator (the "
+      "input pipeline batches the records' bytes as they are: less host CPU per example); host = "
+      "in the input pipeline; auto = device when a GPU or TPU is visible. The same batches either way.")
     d(flags.DEFINE_integer, "sentinel_size", 40, "Sentinel-2 super-patch size S in pixels (FLAIR #2 sat_patch_size).")
     d(flags.DEFINE_boolean, "filter_clouds", True, "FLAIR #2: drop cloudy/snowy Sentinel-2 dates.")
     d(flags.DEFINE_float, "cloud_area_threshold", 0.5, "FLAIR #2: max cloudy share of the patch for a date to be kept.")

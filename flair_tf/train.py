@@ -52,6 +52,15 @@ def model_io_keys(model_config: Mapping[str, Any]) -> tuple[list[str], list[str]
     return inputs, outputs
 
 
+def _aerial_on(flag: str) -> str:
+    """--aerial_on: auto = on the accelerator when the process sees one (GPU or TPU), else in the pipeline."""
+    if flag != "auto":
+        return flag
+    from flair_tf.training import strategy as strategy_lib
+
+    return "device" if strategy_lib.accelerator_visible() else "host"
+
+
 def pipeline_config(cfg: Mapping[str, Any], info: Mapping[str, Any]):
     """The `PipelineConfig` for these flags and records (fields the pipeline lacks are skipped)."""
     from flair_tf.data import pipeline
@@ -64,6 +73,7 @@ def pipeline_config(cfg: Mapping[str, Any], info: Mapping[str, Any]):
         "fix_month_quirk": cfg["fix_month_quirk"],
         "augment": cfg["augment"],
         "augment_sentinel": cfg["augment_sentinel"],
+        "aerial_on": _aerial_on(cfg["aerial_on"]),
         "sentinel_size": cfg["sentinel_size"],
         "filter_clouds": cfg["filter_clouds"],
         "cloud_area_threshold": cfg["cloud_area_threshold"],
@@ -134,13 +144,50 @@ def _keras_batches(input_keys, output_keys):
         # bool inputs (sentinel_pad_mask) travel as uint8 (the model's bool Input
         # casts back): Keras 3.15's first-`fit` build averages a distributed batch
         # over the replicas, which fails on bool ("AddN ... bool").
-        x = {k: tf.cast(features[k], tf.uint8) if features[k].dtype == tf.bool else features[k] for k in input_keys}
+        cast = lambda v: tf.cast(v, tf.uint8) if v.dtype == tf.bool else v  # noqa: E731
+        if "aerial_codes" in labels:
+            # aerial_on="device": the batch as the pipeline made it; the train step
+            # finishes it, then takes the model's inputs and outputs (`finishing_train_step`).
+            return {k: cast(v) for k, v in features.items()}, dict(labels)
+        x = {k: cast(features[k]) for k in input_keys}
         y = {k: labels[k] for k in output_keys}
         if "valid" in features:  # padded evaluation batch: mask the padding
             return x, y, tf.cast(features["valid"], tf.float32)
         return x, y
 
     return fn
+
+
+def finishing_train_step(model, data_config, input_keys, output_keys):
+    """``aerial_on="device"``: `model.fit`'s train step finishes each batch before the forward pass.
+
+    It runs `pipeline.finish_batch` (band interleave, class remap, flips and
+    rotations) on each replica's batch, on the accelerator or under XLA with the
+    rest of the step, instead of in the host's input pipeline. Keras looks
+    `train_step` up on the model when it builds its train function; this sets it
+    on this model object (nothing of it is saved with the weights). Call it after
+    `compile`: it also builds the compiled losses and metrics from the model's
+    own shapes, which Keras would otherwise build from the first training batch,
+    whose keys and shapes are the pipeline's, not the model's.
+    """
+    import keras
+
+    from flair_tf.data import pipeline
+
+    base = model.train_step
+
+    def train_step(data):
+        features, labels = pipeline.finish_batch(data[0], data[1], data_config)
+        return base(({k: features[k] for k in input_keys}, {k: labels[k] for k in output_keys}))
+
+    model.train_step = train_step
+    build = getattr(model, "_symbolic_build", None)  # Keras 3's own build from one batch's shapes
+    if build is not None:
+        x = {k: keras.KerasTensor(t.shape, t.dtype) for k, t in model.input.items()}
+        y = {k: keras.KerasTensor(model.output[k].shape[:-1], "uint8") for k in output_keys}
+        with model.distribute_strategy.scope():
+            build(data_batch=(x, y))
+    return model
 
 
 def make_distributed_dataset(strategy, pattern, split, data_config, batch_size, training, input_keys, output_keys, repeat):
@@ -353,6 +400,8 @@ def train(config: Mapping[str, Any] | None = None, strategy=None) -> dict[str, A
             weighted_metrics={"aerial": [cm_metric]},
             steps_per_execution=steps_per_execution, jit_compile=_jit(cfg["jit_compile"]),
         )
+        if data_config.aerial_on == "device":
+            finishing_train_step(model, data_config, input_keys, output_keys)
 
     monitor = "val_loss" if val_ds is not None else "loss"
     stateful: dict[str, Any] = {}

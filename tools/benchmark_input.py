@@ -6,7 +6,14 @@ on the same data, from the page cache:
 
 * ``pipeline_eps``: examples/s of the full training pipeline
   (`flair_tf.data.pipeline.make_dataset`, augmentation on, FLAIR #2 cloud
-  filter + monthly means), batches consumed in Python;
+  filter + monthly means), batches consumed in Python, configured as
+  ``flair_tf.train`` runs it on a GPU or TPU (``--aerial_on``, default device:
+  the pipeline batches the records' aerial bytes with the drawn moves and the
+  training step finishes them, `pipeline.finish_batch`);
+* ``pipeline_host_eps`` (with ``--compare_host``): the pipeline finishing its
+  batches itself (``aerial_on="host"``, as on a machine without accelerator),
+  measured in the same rounds, and ``step_finishing_*``: the rate and CPU cost
+  of `pipeline.finish_batch` on such batches in a step run by this CPU;
 * ``raw_read_eps``: records/s of a bare ``TFRecordDataset`` over the same
   shards (the bound of any TFRecord pipeline);
 * ``per_file_eps`` / ``per_file_parallel_eps``: examples/s of a loader that
@@ -65,6 +72,12 @@ _WARMUP = flags.DEFINE_float(
 _WORKERS = flags.DEFINE_integer("loader_workers", os.cpu_count() or 1,
                                 "Processes of the parallel per-file loader.")
 _DETERMINISTIC = flags.DEFINE_bool("deterministic", True, "PipelineConfig.deterministic.")
+_AERIAL_ON = flags.DEFINE_enum(
+    "aerial_on", "device", ["device", "host"],
+    "PipelineConfig.aerial_on of the measured pipeline (flair_tf.train's on a GPU or TPU: device).")
+_COMPARE_HOST = flags.DEFINE_bool(
+    "compare_host", True, "With --aerial_on=device, also measure the host-finishing pipeline in "
+    "each round, and what finishing the batches costs a training step on this CPU.")
 
 _REF = datetime.date(2021, 5, 15)
 
@@ -241,10 +254,11 @@ def rate_per_file(items, seconds: float, workers: int) -> dict[str, float]:
 # ------------------------------------------------------------------------------ tf.data
 
 
-def rate_pipeline(task: str, records: str, seconds: float) -> dict[str, float]:
+def rate_pipeline(task: str, records: str, seconds: float, aerial_on: str) -> dict[str, float]:
     from flair_tf.data import pipeline, schema  # pylint: disable=g-import-not-at-top
 
-    cfg = pipeline.PipelineConfig(task=task, augment=True, deterministic=_DETERMINISTIC.value)
+    cfg = pipeline.PipelineConfig(task=task, augment=True, deterministic=_DETERMINISTIC.value,
+                                  aerial_on=aerial_on)
     ds = pipeline.make_dataset(schema.shard_pattern(records, task, "train"), "train", cfg,
                                batch_size=_BATCH.value)
     it = iter(ds)
@@ -252,6 +266,35 @@ def rate_pipeline(task: str, records: str, seconds: float) -> dict[str, float]:
     meter = Meter()
     while meter.elapsed() < seconds:
         next(it)
+        meter.n += _BATCH.value
+    return meter.result()
+
+
+def rate_step_finishing(task: str, records: str, seconds: float) -> dict[str, float]:
+    """``pipeline.finish_batch`` on batches already made, in a tf.function on this CPU.
+
+    What ``aerial_on="device"`` adds to a training step when the device is this CPU
+    (an accelerator does the same memory traffic in microseconds); examples/s of it alone.
+    """
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from flair_tf.data import pipeline, schema  # pylint: disable=g-import-not-at-top
+
+    cfg = pipeline.PipelineConfig(task=task, augment=True, aerial_on="device")
+    ds = pipeline.make_dataset(schema.shard_pattern(records, task, "train"), "train", cfg,
+                               batch_size=_BATCH.value)
+    batches = list(ds.take(8))
+    step = tf.function(lambda f, l: pipeline.finish_batch(f, l, cfg))
+    n = [0]
+
+    def run():
+        features, labels = step(*batches[n[0] % len(batches)])
+        features["aerial"].numpy()  # wait for the result
+        n[0] += 1
+
+    _warm_up(run)
+    meter = Meter()
+    while meter.elapsed() < seconds:
+        run()
         meter.n += _BATCH.value
     return meter.result()
 
@@ -317,11 +360,21 @@ def main(argv):
             # alive at a time): the ratio of a round compares two measurements seconds apart on
             # a machine whose speed drifts with the other tenants' load; the median over the
             # rounds is reported, and the best rates.
-            rounds = [(rate_raw(files, _SECONDS.value), rate_pipeline(task, records, _SECONDS.value))
-                      for _ in range(_ROUNDS.value)]
-            each = [p["eps"] / w["eps"] for w, p in rounds]
-            for name, m in (("raw_read", _best(w for w, _ in rounds)),
-                            ("pipeline", _best(p for _, p in rounds)),
+            host = _COMPARE_HOST.value and _AERIAL_ON.value == "device"
+            rounds = []
+            for _ in range(_ROUNDS.value):
+                rounds.append((rate_raw(files, _SECONDS.value),
+                               rate_pipeline(task, records, _SECONDS.value, _AERIAL_ON.value),
+                               rate_pipeline(task, records, _SECONDS.value, "host") if host else None))
+            each = [p["eps"] / w["eps"] for w, p, _ in rounds]
+            r["aerial_on"] = _AERIAL_ON.value
+            methods = [("raw_read", _best(w for w, _, _ in rounds)),
+                       ("pipeline", _best(p for _, p, _ in rounds))]
+            if host:
+                each_host = [h["eps"] / w["eps"] for w, _, h in rounds]
+                methods += [("pipeline_host", _best(h for _, _, h in rounds)),
+                            ("step_finishing", rate_step_finishing(task, records, _SECONDS.value))]
+            for name, m in (*methods,
                             ("per_file", rate_per_file(items, _SECONDS.value, 1)),
                             ("per_file_parallel",
                              rate_per_file(items, _SECONDS.value, _WORKERS.value))):
@@ -329,6 +382,9 @@ def main(argv):
             r["pipeline_over_raw"] = statistics.median(each)
             r["pipeline_over_raw_each"] = [round(v, 3) for v in each]
             r["pipeline_over_raw_best_to_best"] = r["pipeline_eps"] / r["raw_read_eps"]
+            if host:
+                r["pipeline_host_over_raw"] = statistics.median(each_host)
+                r["pipeline_host_over_raw_each"] = [round(v, 3) for v in each_host]
             r["pipeline_over_per_file"] = r["pipeline_eps"] / r["per_file_eps"]
             r["pipeline_over_per_file_parallel"] = r["pipeline_eps"] / r["per_file_parallel_eps"]
             r["cpu_cost_per_file_over_pipeline"] = (r["per_file_cpu_ms_per_example"]

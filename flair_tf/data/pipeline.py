@@ -8,6 +8,10 @@ shapes, directly or through ``strategy.distribute_datasets_from_function``:
     examples] -> [repeat] -> decode (`schema.decode`) -> select bands -> augment
     -> remap classes -> Sentinel filter / monthly mean / pad -> batch -> prefetch
 
+With ``aerial_on="device"``, training batches leave the aerial part
+(band interleave, class remap, flips/rot90) to the training step, which calls
+`finish_batch` on the accelerator.
+
 Normalisation is not done here: ``features["aerial"]`` stays uint8 (4x less
 host-to-device traffic than float32) and the model's first layer
 (`flair_tf.models.layers.InputNormalization`) applies ``x / 255`` or
@@ -40,6 +44,7 @@ from flair_tf.data import sentinel as sentinel_lib
 CHANNELS = ("R", "G", "B", "NIR", "E")  # the 5 bands of IMG_*.tif, reference order
 NORM_TYPES = ("scaling", "custom", "without")
 NORM_STATS_SOURCES = ("reference", "dataset")
+AERIAL_PLACES = ("host", "device")
 # Main-lib default config `norm_means` / `norm_stds` (spec flair1 §2.2), R,G,B,NIR,E.
 REFERENCE_MEANS = (105.08, 110.87, 101.82, 106.38, 53.26)
 REFERENCE_STDS = (52.17, 45.38, 44.0, 39.69, 79.3)
@@ -67,6 +72,14 @@ class PipelineConfig:
         `use_augmentation`); never on evaluation.
       augment_sentinel: with `augment`, also transform the Sentinel patch and
         ``labels["sentinel"]`` (the reference never does: off by default).
+      aerial_on: where the per-pixel aerial work of training batches runs
+        (band interleave and selection, class remap, flips and rotations).
+        "host": in the pipeline, which yields finished batches. "device": the
+        pipeline yields the record's bytes as they are (``aerial_rgbn``,
+        ``aerial_elevation``, ``labels["aerial_codes"]``) with the drawn moves
+        (``augment_move``), and `finish_batch`, called in the training step,
+        does that work on the accelerator: less host CPU per example, the same
+        values. Evaluation batches are always finished on the host.
       sentinel_size: Sentinel crop side S fed to the model; a centred crop of
         the stored one when smaller (reference `sat_patch_size`, 40).
       filter_clouds: drop cloudy/snowy dates (reference `filter_clouds`).
@@ -107,6 +120,7 @@ class PipelineConfig:
     fix_month_quirk: bool = False
     augment: bool = False
     augment_sentinel: bool = False
+    aerial_on: str = "host"
     sentinel_size: int = 40
     filter_clouds: bool = True
     cloud_area_threshold: float = 0.5
@@ -149,6 +163,8 @@ class PipelineConfig:
                              f"Received: {self.sentinel_scaling!r}")
         if self.norm_type not in NORM_TYPES:
             raise ValueError(f"norm_type must be one of {NORM_TYPES}. Received: {self.norm_type!r}")
+        if self.aerial_on not in AERIAL_PLACES:
+            raise ValueError(f"aerial_on must be one of {AERIAL_PLACES}. Received: {self.aerial_on!r}")
         if self.norm_stats_from not in NORM_STATS_SOURCES:
             raise ValueError(f"norm_stats_from must be one of {NORM_STATS_SOURCES}. "
                              f"Received: {self.norm_stats_from!r}")
@@ -339,11 +355,12 @@ def _bands(aerial: tf.Tensor, elevation: tf.Tensor, channels: Sequence[int],
 
 def make_aerial_fn(channels: Sequence[int], num_classes: int, augment: bool, jit_compile: bool,
                    with_unaugmented: bool = True):
-    """The aerial half of the parser, ``fn(aerial, elevation, codes, transform)``.
+    """The aerial half of the parser, ``fn(aerial, elevation, codes, move)``.
 
-    `transform` is the example's drawn `augment.Transform` (ignored without
-    `augment`). Returns ``(image uint8 [P,P,C], label uint8 [P,P], unaugmented
-    label uint8 or None)``: no un-augmented label without `with_unaugmented`
+    `move` is the example's drawn symmetry (`augment.move_index` of its
+    transform, an int32 scalar; ignored without `augment`). Returns ``(image
+    uint8 [P,P,C], label uint8 [P,P], unaugmented label uint8 or None)``: no
+    un-augmented label without `with_unaugmented`
     (FLAIR #1 has no use for it). Labels stay uint8, like the image: the losses
     and metrics cast them, and int32 would write, batch and send to the device
     4x the bytes.
@@ -385,29 +402,102 @@ def make_aerial_fn(channels: Sequence[int], num_classes: int, augment: bool, jit
     else:
         fn = direct
 
-    def aerial_fn(aerial, elevation, codes, transform):
-        move = augment_lib.move_index(transform) if augment else tf.constant(0)
-        out = fn(aerial, elevation, codes, move)
+    def aerial_fn(aerial, elevation, codes, move):
+        out = fn(aerial, elevation, codes, move if augment else tf.constant(0))
         return out[0], out[1], out[2] if with_unaugmented else None
 
     return aerial_fn
 
 
 def augmentation_draws(seed: int, stream_id: int, stream_stride: int,
-                       chunk: int = 1024) -> tf.data.Dataset:
-    """The transform of every example of input pipeline `stream_id` (of `stream_stride`), in order.
+                       chunk: int = 1024, per_batch: int = 0) -> tf.data.Dataset:
+    """The drawn move of every example of input pipeline `stream_id` (of `stream_stride`), in order.
 
-    Example *n* draws from the seed ``(seed, n * stream_stride + stream_id)``
-    (`augment.sample_transform`). The hash runs on chunks of `chunk` counters
-    (about 30 integer kernels per chunk instead of per example), then the
-    draws are unbatched.
+    Example *n* draws its transform from the seed ``(seed, n * stream_stride +
+    stream_id)`` (`augment.sample_transform`) and the dataset yields the move
+    it amounts to (`augment.move_index`, int32 in 0..7). The hash runs on
+    chunks of `chunk` counters (about 30 integer kernels per chunk instead of
+    per example), then the moves are unbatched; with `per_batch` > 0 they come
+    instead as int32 [per_batch] vectors, the moves of consecutive batches.
     """
     def draw(n):
         seeds = tf.stack([tf.fill(tf.shape(n), tf.constant(seed, tf.int64)),
                           n * stream_stride + stream_id], axis=1)
-        return tuple(augment_lib.sample_transform(seeds))
+        return augment_lib.move_index(augment_lib.sample_transform(seeds))
 
+    if per_batch:
+        return tf.data.Dataset.counter().batch(per_batch, drop_remainder=True).map(draw)
     return tf.data.Dataset.counter().batch(chunk).map(draw).unbatch()
+
+
+def finish_batch(features: Mapping[str, tf.Tensor], labels: Mapping[str, tf.Tensor],
+                 config: PipelineConfig, wide: bool | None = None
+                 ) -> tuple[dict[str, tf.Tensor], dict[str, tf.Tensor]]:
+    """The training step's half of ``aerial_on="device"``: finishes a batch on the accelerator.
+
+    Interleaves and selects the bands (`config.channels`), remaps the label
+    codes (`config.num_classes`) and applies the drawn flips and rotations
+    (`augment.apply_moves`), making of the batch, value for value, the one the
+    pipeline yields with ``aerial_on="host"`` and the same seed. Call it on
+    each replica's batch inside the training step (``flair_tf.train`` does).
+    A batch that is already finished (no ``labels["aerial_codes"]``) is
+    returned as it is.
+
+    Args:
+      features: a batch of `make_dataset` with ``aerial_on="device"``:
+        ``aerial_rgbn`` uint8 [B, P, P, 4] and/or ``aerial_elevation`` uint8
+        [B, P, P, 1] (as `config.channels` need them), ``augment_move`` int32
+        [B] with augmentation; other keys pass through, except ``sentinel``
+        [B, T, S, S, 10], which moves with `config.augment_sentinel`.
+      labels: its labels: ``aerial_codes`` uint8 [B, P, P], the stored codes.
+      config: the `PipelineConfig` of the pipeline.
+      wide: compute in int32 rather than uint8 (exact either way): GPU kernels
+        of the selects and the remap's arithmetic do not exist for uint8, so
+        TensorFlow would run them on the host. None: when a GPU is visible.
+
+    Returns:
+      (features, labels) with ``aerial`` uint8 [B, P, P, C] and ``labels["aerial"]``
+      uint8 [B, P, P]; for FLAIR #2 ``labels["sentinel"]``, the un-augmented labels
+      (the reference's quirk), or the augmented ones with `config.augment_sentinel`.
+    """
+    if "aerial_codes" not in labels:
+        return dict(features), dict(labels)
+    features, labels = dict(features), dict(labels)
+    if wide is None:
+        wide = bool(tf.config.list_logical_devices("GPU"))
+    work = (lambda x: tf.cast(x, tf.int32)) if wide else (lambda x: x)  # noqa: E731
+    channels = channel_indices(config.channels)
+    rgbn = features.pop("aerial_rgbn", None)
+    elevation = features.pop("aerial_elevation", None)
+    if rgbn is not None and elevation is not None:
+        bands = tf.concat([work(rgbn), work(elevation)], axis=-1)
+    else:  # only the bands the channels use were batched
+        bands = work(rgbn if rgbn is not None else elevation)
+        channels = [c if rgbn is not None else 0 for c in channels]
+    image = select_channels(bands, channels)
+    codes = labels.pop("aerial_codes")
+    label = _remap_wide(work(codes), config.num_classes) if wide else remap_codes(codes, config.num_classes)
+    unaugmented = label
+    moves = features.pop("augment_move", None)
+    if moves is not None:
+        image = augment_lib.apply_moves(image, moves)
+        label = augment_lib.apply_moves(label, moves)
+        if config.augment_sentinel and "sentinel" in features:
+            features["sentinel"] = augment_lib.apply_moves(features["sentinel"], moves, (2, 3))
+    features["aerial"] = tf.cast(image, tf.uint8)
+    labels["aerial"] = tf.cast(label, tf.uint8)
+    if config.task == "flair2":
+        if moves is not None and not config.augment_sentinel:
+            labels["sentinel"] = tf.cast(unaugmented, tf.uint8)  # the reference's quirk
+        else:
+            labels["sentinel"] = labels["aerial"]
+    return features, labels
+
+
+def _remap_wide(codes: tf.Tensor, num_classes: int) -> tf.Tensor:
+    """`remap_codes` on int32 codes 0..255 (kernels every device has); int32 out."""
+    index = (tf.minimum(codes, 13) if num_classes == 13 else codes) - 1
+    return tf.where((codes < 1) | (codes > nomenclature.NUM_CODES), INVALID_LABEL, index)
 
 
 def resolve_files(file_pattern: str | Sequence[str], task: str, split: str) -> list[str]:
@@ -464,6 +554,9 @@ class _Parser:
         self.config = config
         self.spec = spec
         self.augment = training and config.augment
+        # aerial_on="device": the training step finishes the aerial part (`finish_batch`).
+        self.raw_aerial = training and config.aerial_on == "device"
+        self.augment_here = self.augment and not self.raw_aerial
         self.with_eval_keys = with_eval_keys
         self.channels = channel_indices(config.channels)
         # Only the record features used are parsed.
@@ -479,8 +572,9 @@ class _Parser:
             if key not in available:
                 raise ValueError(f"keep_keys: {key!r} is not a decoded key; choose from {sorted(available)}")
         self.keys = list(dict.fromkeys(keys + list(config.keep_keys)))
-        self.aerial_fn = make_aerial_fn(self.channels, config.num_classes, self.augment,
-                                        config.jit_compile, with_unaugmented=spec.task == "flair2")
+        self.aerial_fn = make_aerial_fn(
+            self.channels, config.num_classes, self.augment_here, config.jit_compile,
+            with_unaugmented=spec.task == "flair2" and self.augment_here)
         if spec.task == "flair2":
             if config.sentinel_size > spec.sentinel_size:
                 raise ValueError(
@@ -491,25 +585,34 @@ class _Parser:
                     f"sentinel_size={config.sentinel_size} and the stored crop "
                     f"{spec.sentinel_size} must have the same parity to crop around the centroid")
 
-    def __call__(self, serialized: tf.Tensor, draw=None):
-        """One record, and with augmentation its `augmentation_draws` element."""
+    def __call__(self, serialized: tf.Tensor, move=None):
+        """One record, and with augmentation its move (`augmentation_draws`)."""
         cfg = self.config
         ex = schema.decode(serialized, self.spec, keys=self.keys)
-        transform = augment_lib.Transform(*draw) if self.augment else None
-        image, label, unaugmented = self.aerial_fn(ex["aerial"], ex["elevation"], ex["label"], transform)
-        features = {"aerial": image}
-        labels = {"aerial": label}
+        host_move = move if self.augment_here else None
+        if self.raw_aerial:
+            # Slices of the decoded record, batched as they are; `finish_batch` does the rest
+            # (make_dataset adds the batch's moves).
+            features, labels = {}, {"aerial_codes": ex["label"]}
+            if any(c < 4 for c in self.channels):
+                features["aerial_rgbn"] = ex["aerial"]
+            if 4 in self.channels:
+                features["aerial_elevation"] = ex["elevation"]
+        else:
+            image, label, unaugmented = self.aerial_fn(ex["aerial"], ex["elevation"], ex["label"], host_move)
+            features = {"aerial": image}
+            labels = {"aerial": label}
         if cfg.use_metadata:
             vector = ex["metadata"]
             if cfg.fix_month_quirk:
                 vector = fix_month_terms(vector, ex["metadata_month"])
             features["metadata"] = vector
         if self.spec.task == "flair2":
-            features.update(self._sentinel(ex, transform))
-            if transform is not None and not cfg.augment_sentinel:
+            features.update(self._sentinel(ex, host_move))
+            if host_move is not None and not cfg.augment_sentinel:
                 # Reference quirk: the auxiliary loss sees the un-augmented labels.
                 labels["sentinel"] = unaugmented
-            else:
+            elif not self.raw_aerial:
                 labels["sentinel"] = labels["aerial"]
         if self.with_eval_keys:
             features["valid"] = tf.constant(True)
@@ -518,7 +621,7 @@ class _Parser:
             features[key] = ex[key]
         return features, labels
 
-    def _sentinel(self, ex, transform) -> dict[str, tf.Tensor]:
+    def _sentinel(self, ex, move) -> dict[str, tf.Tensor]:
         cfg = self.config
         data, masks = ex["sentinel_data"], ex["sentinel_masks"]
         offset = (self.spec.sentinel_size - cfg.sentinel_size) // 2
@@ -533,8 +636,8 @@ class _Parser:
             cloud_proba_threshold=cfg.cloud_proba_threshold, average_month=cfg.average_month,
             max_dates=cfg.max_dates, scaling=cfg.sentinel_scaling, ref_month=ref_month,
             ref_day=ref_day)
-        if transform is not None and cfg.augment_sentinel:
-            frames = augment_lib.apply_transform(frames, transform, spatial_axes=(1, 2))
+        if move is not None and cfg.augment_sentinel:
+            frames = augment_lib.apply_move(frames, move, spatial_axes=(1, 2))
         s, t = cfg.sentinel_size, cfg.num_dates
         return {
             "sentinel": tf.ensure_shape(frames, [t, s, s, sentinel_lib.SENTINEL_BANDS]),
@@ -628,9 +731,11 @@ def make_dataset(file_pattern: str | Sequence[str], split: str, config: Pipeline
         # every epoch draws a new file order and a new example order.
         ds = ds.repeat()
     parser = _Parser(config, spec, training, with_eval_keys=pad_final_batch)
-    if parser.augment:
+    draws = lambda per_batch=0: augmentation_draws(  # noqa: E731
+        config.seed, pipeline_id, num_pipelines, per_batch=per_batch)
+    if parser.augment_here:
         # Each example's draw is seeded by its position in the stream: same seed, same draws.
-        ds = tf.data.Dataset.zip((ds, augmentation_draws(config.seed, pipeline_id, num_pipelines)))
+        ds = tf.data.Dataset.zip((ds, draws()))
     ds = ds.map(parser, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
 
     if pad_final_batch:
@@ -641,6 +746,10 @@ def make_dataset(file_pattern: str | Sequence[str], split: str, config: Pipeline
         # so each example is written into its batch as soon as it is made (still hot in
         # cache) by the map's own threads: 4-7% less CPU per example than a parallel batch.
         ds = ds.batch(local_batch, drop_remainder=training)
+    if parser.augment and parser.raw_aerial:
+        # The same draws as above, a batch of them at a time, for `finish_batch`.
+        ds = tf.data.Dataset.zip((ds, draws(local_batch))).map(
+            lambda batch, moves: ({**batch[0], "augment_move": moves}, batch[1]))
 
     options = tf.data.Options()
     if deterministic is not None:

@@ -78,6 +78,11 @@ def _tpu_strategy(tpu: str) -> tf.distribute.Strategy:
     return strategy
 
 
+def accelerator_visible() -> bool:
+    """Whether this process sees a GPU or TPU (after the strategy has started TensorFlow's runtime)."""
+    return any(d.device_type in ("GPU", "TPU") for d in tf.config.list_logical_devices())
+
+
 def get_strategy(name: str = "default", tpu: str = "local", num_gpus: int | None = None) -> tf.distribute.Strategy:
     """Builds the distribution strategy.
 

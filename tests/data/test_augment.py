@@ -97,3 +97,44 @@ def test_rectangle_is_rejected():
     t = augment.Transform(tf.constant(False), tf.constant(False), tf.constant(1))
     with pytest.raises(ValueError, match="square"):
         augment.apply_transform(tf.zeros([4, 6, 1]), t)
+
+
+def test_move_index_of_drawn_vectors_equals_the_scalar_draws():
+    seeds = np.stack([np.full(64, 3), np.arange(64)], axis=1).astype(np.int64)
+    vector = augment.move_index(augment.sample_transform(tf.constant(seeds))).numpy()
+    scalar = [int(augment.move_index(augment.sample_transform(tf.constant(s)))) for s in seeds]
+    np.testing.assert_array_equal(vector, scalar)
+    assert set(scalar) == set(range(8))
+
+
+@pytest.mark.parametrize("jit_compile", [None, True])
+def test_apply_moves_moves_each_example_like_apply_move(jit_compile):
+    # A batch of the 8 moves (twice, shuffled): each example must come out as the
+    # per-example `apply_move` (the pipeline's host path) makes it, for uint8 images,
+    # labels and float Sentinel series (spatial axes 2, 3).
+    image = coordinate_image()
+    moves = np.random.default_rng(0).permutation(np.arange(16) % 8).astype(np.int32)
+    images = np.stack([image + i for i in range(16)]).astype(np.uint8)  # examples differ
+    labels = images[..., 2]
+    series = np.stack([np.stack([image, image + 1]) for _ in range(16)]).astype(np.float32) + \
+        np.arange(16, dtype=np.float32)[:, None, None, None, None]
+
+    fn = lambda i, l, s, m: (augment.apply_moves(i, m), augment.apply_moves(l, m),  # noqa: E731
+                             augment.apply_moves(s, m, spatial_axes=(2, 3)))
+    if jit_compile:
+        fn = tf.function(fn, jit_compile=True)
+    got = fn(tf.constant(images), tf.constant(labels), tf.constant(series), tf.constant(moves))
+    for b, m in enumerate(moves):
+        for x, axes, out in zip((images, labels, series), ((0, 1), (0, 1), (1, 2)), got):
+            want = augment.apply_move(tf.constant(x[b]), tf.constant(int(m)), spatial_axes=axes).numpy()
+            assert out.dtype == x.dtype
+            np.testing.assert_array_equal(out[b].numpy(), want)
+    t, r, c = augment.MOVES[int(moves[0])]
+    np.testing.assert_array_equal(got[0][0].numpy(), augment._move_numpy(images[0], t, r, c))
+
+
+def test_apply_moves_rejects_bad_axes():
+    with pytest.raises(ValueError, match="after the batch axis"):
+        augment.apply_moves(tf.zeros([2, 4, 4]), tf.zeros([2], tf.int32), spatial_axes=(0, 1))
+    with pytest.raises(ValueError, match="square"):
+        augment.apply_moves(tf.zeros([2, 4, 6]), tf.zeros([2], tf.int32))

@@ -337,6 +337,67 @@ def test_flair2_sentinel_features_and_labels(records, augment_sentinel):
     assert rotated >= 3
 
 
+@pytest.mark.parametrize("task, augment, augment_sentinel, channels", [
+    ("flair1", True, False, ("R", "G", "B", "NIR", "E")), ("flair1", True, False, ("B", "R")),
+    ("flair1", False, False, ("E",)), ("flair2", True, False, ("NIR", "G", "E")),
+    ("flair2", True, True, ("R", "G", "B", "NIR", "E")), ("flair2", False, False, ("R", "G", "B"))])
+@pytest.mark.parametrize("mode, wide", [("eager", False), ("xla", False), ("graph", True)])
+def test_device_finishing_gives_the_host_batches(records, task, augment, augment_sentinel, channels,
+                                                 mode, wide):
+    # aerial_on="device": the pipeline batches the record's aerial bytes as they are, with
+    # the drawn moves; finish_batch (the training step's half: eagerly, under XLA, and in a
+    # graph in int32 as on a GPU) must make of them exactly the batches of aerial_on="host".
+    directory, _ = records[task, "train"]
+    kw = dict(task=task, sentinel_size=S, augment=augment, augment_sentinel=augment_sentinel,
+              channels=channels, seed=11, use_metadata=True)
+    host = batches(pl.make_dataset(directory, "train", pl.PipelineConfig(**kw), 4), 4)
+    config = pl.PipelineConfig(aerial_on="device", **kw)
+    ds = pl.make_dataset(directory, "train", config, 4)
+    features_spec, labels_spec = ds.element_spec
+    assert ("augment_move" in features_spec) == augment and "aerial" not in features_spec
+    if augment:
+        assert features_spec["augment_move"] == tf.TensorSpec([4], tf.int32)
+    assert ("aerial_elevation" in features_spec) == ("E" in channels)
+    assert ("aerial_rgbn" in features_spec) == (channels != ("E",))
+    assert set(labels_spec) == {"aerial_codes"}  # labels made in the step, none batched twice
+    step = lambda f, l: pl.finish_batch(f, l, config, wide=wide)  # noqa: E731
+    if mode != "eager":
+        step = tf.function(step, jit_compile=mode == "xla")
+    moved = 0
+    for (fh, lh), (fd, ld) in zip(host, batches(ds, 4)):
+        moved += int((fd.get("augment_move", np.zeros(1)) != 0).sum())
+        fa, la = step(fd, ld)
+        assert set(fa) == set(fh) and set(la) == set(lh)
+        for key in fh:
+            np.testing.assert_array_equal(np.asarray(fa[key]), fh[key], err_msg=key)
+            assert np.asarray(fa[key]).dtype == fh[key].dtype, key
+        for key in lh:
+            np.testing.assert_array_equal(np.asarray(la[key]), lh[key], err_msg=key)
+            assert np.asarray(la[key]).dtype == np.uint8
+    assert moved >= 6 if augment else moved == 0
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_finish_batch_remaps_every_code_like_the_table(wide):
+    codes = np.arange(256, dtype=np.uint8).reshape(1, 16, 16)
+    aerial = np.zeros((1, 16, 16, 4), np.uint8)
+    for num_classes in (13, 19):
+        config = pl.PipelineConfig(num_classes=num_classes, channels=("R",))
+        _, labels = pl.finish_batch({"aerial_rgbn": aerial}, {"aerial_codes": codes}, config, wide=wide)
+        np.testing.assert_array_equal(labels["aerial"], nomenclature.code_to_index_lut(num_classes)[codes])
+
+
+def test_device_finishing_leaves_other_batches_alone(records):
+    directory, _ = records["flair2", "val"]
+    config = pl.PipelineConfig(task="flair2", sentinel_size=S, augment=True, aerial_on="device")
+    (f, l), = batches(pl.make_dataset(directory, "val", config, 8, pad_final_batch=True))
+    assert "aerial" in f and "augment_move" not in f and set(l) == {"aerial", "sentinel"}  # evaluation
+    f2, l2 = pl.finish_batch(f, l, config)
+    assert f2.keys() == f.keys() and l2.keys() == l.keys()
+    with pytest.raises(ValueError, match="aerial_on"):
+        pl.PipelineConfig(aerial_on="gpu")
+
+
 def test_flair2_without_monthly_average(records):
     directory, examples = records["flair2", "val"]
     cfg = pl.PipelineConfig(task="flair2", sentinel_size=S, average_month=False, max_dates=6,
@@ -472,9 +533,13 @@ def test_on_converted_synthetic_records(flair2_records):
 @pytest.mark.parametrize("stream_id, stride", [(0, 1), (1, 3)])
 def test_augmentation_draws_are_the_per_example_draws(stream_id, stride):
     draws = list(pl.augmentation_draws(7, stream_id, stride, chunk=5).take(12))
-    for n, draw in enumerate(draws):
+    for n, move in enumerate(draws):
         want = augment_lib.sample_transform(tf.constant([7, n * stride + stream_id], tf.int64))
-        assert tuple(int(x) for x in draw) == tuple(int(x) for x in want), n
+        assert move.dtype == tf.int32 and move.shape == ()
+        assert int(move) == int(augment_lib.move_index(want)), n
+    batched = list(pl.augmentation_draws(7, stream_id, stride, per_batch=4).take(3))
+    assert all(b.shape == (4,) for b in batched)
+    np.testing.assert_array_equal(np.concatenate(batched), [int(m) for m in draws])
 
 
 @pytest.mark.parametrize("num_classes", [13, 19])
@@ -520,7 +585,7 @@ def test_aerial_fn_applies_every_draw_like_numpy(jit_compile, channels):
             for k in range(4):
                 t = augment_lib.Transform(tf.constant(vflip), tf.constant(hflip), tf.constant(k))
                 image, label, unaugmented = fn(tf.constant(aerial), tf.constant(elevation),
-                                               tf.constant(codes), t)
+                                               tf.constant(codes), augment_lib.move_index(t))
                 np.testing.assert_array_equal(image.numpy(),
                                               reference_transform(want_image, vflip, hflip, k))
                 np.testing.assert_array_equal(label.numpy(),

@@ -5,8 +5,9 @@ interruption; B killed right after its epoch-1 backup is committed; C restarted
 on B's --model_dir. C must start at epoch 2 (index 1) and end with A's weights,
 optimizer state, learning rate and history. A small stand-in model (conv +
 BatchNorm) replaces `build_model` to keep the three runs fast; the machinery
-under test (backup, callback state, per-epoch pipelines with augmentation,
-deterministic ops) is the real one.
+under test (backup, callback state, per-epoch pipelines with augmentation
+finished in the train step by --aerial_on=device, deterministic ops) is the
+real one.
 """
 
 import json
@@ -49,7 +50,7 @@ if PAUSE_AFTER_EPOCH_1:
     cb.BackupAndRestore._save = slow_save
 
 result = train.train({"model_dir": MODEL_DIR, "data_dir": DATA_DIR, "epochs": 3, "batch_size": 4,
-                      "optimizer": "adam", "learning_rate": 0.01, "augment": True, "deterministic": True,
+                      "optimizer": "adam", "learning_rate": 0.01, "augment": True, "aerial_on": "device", "deterministic": True,
                       "plateau_patience": 0, "plateau_cooldown": 0, "tensorboard_images": 0, "verbose": "0"})
 print(json.dumps({"initial_epoch": result["initial_epoch"], "history": result["history"]}))
 """

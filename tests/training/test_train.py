@@ -16,7 +16,8 @@ out = {}
 for name, data_dir, task, arch in RUNS:
     r = train.train({"model_dir": ROOT + "/" + name, "data_dir": data_dir, "task": task, "arch": arch,
                      "strategy": "mirrored", "epochs": 2, "batch_size": 4, "optimizer": "adam",
-                     "learning_rate": 1e-3, "lr_schedule": "none", "tensorboard_images": 2, "verbose": "0"})
+                     "learning_rate": 1e-3, "lr_schedule": "none", "tensorboard_images": 2, "verbose": "0",
+                     "augment": True, "aerial_on": "device"})  # finished in the train step, per replica
     out[name] = {"replicas": r["num_replicas"], "history": r["history"], "val_miou": r["val_miou"],
                  "per_class_iou": r["val_scores"]["per_class_iou"]}
 print(json.dumps(out))
@@ -330,3 +331,51 @@ def test_training_epoch_length_and_repeat():
         train_lib._training_epoch(small, "train", 4, one_host)
     # An explicit epoch length repeats the data: a split smaller than a batch is fine then.
     assert train_lib._training_epoch(small, "train", 4, one_host, steps_per_epoch=5) == (5, True)
+
+
+@pytest.mark.parametrize("augment_sentinel", [False, True])
+def test_train_step_finishes_device_batches(flair2_records, augment_sentinel):
+    """aerial_on=device: what the model's own train step receives equals the host-finished
+    batch (the same draws), with the auxiliary labels un-augmented unless augment_sentinel."""
+    import dataclasses
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from flair_tf.data import pipeline, schema
+
+    inputs, outputs = ["aerial", "sentinel", "sentinel_dates", "sentinel_pad_mask"], ["aerial", "sentinel"]
+    pattern = schema.shard_pattern(flair2_records, "flair2", "train")
+    host = pipeline.PipelineConfig(task="flair2", augment=True, augment_sentinel=augment_sentinel, seed=9)
+    device = dataclasses.replace(host, aerial_on="device")
+    strategy = tf.distribute.get_strategy()
+
+    def first_batch(config):
+        ds = train_lib.make_distributed_dataset(strategy, pattern, "train", config, 4, True, inputs, outputs, True)
+        return next(iter(ds))
+
+    received = []
+    x_in = {k: keras.Input(shape, name=k) for k, shape in
+            (("aerial", (64, 64, 5)), ("sentinel", (12, 40, 40, 10)), ("sentinel_dates", (12,)),
+             ("sentinel_pad_mask", (12,)))}
+    model = keras.Model(x_in, {k: keras.layers.Conv2D(13, 1, name=f"head_{k}")(x_in["aerial"]) for k in outputs})
+    model.compile(loss="sparse_categorical_crossentropy")
+    model.train_step = received.append  # stands for Keras' own step: records its input
+    train_lib.finishing_train_step(model, device, inputs, outputs)
+    assert model._compile_loss.built  # built from the model's shapes, not from a device batch
+    batch = first_batch(device)
+    assert "aerial" not in batch[0] and set(batch[1]) == {"aerial_codes"}
+    model.train_step(batch)
+    (x, y), = received
+    want_x, want_y = first_batch(host)
+    assert sorted(x) == sorted(want_x) == sorted(inputs) and sorted(y) == sorted(want_y) == outputs
+    for k in want_x:
+        np.testing.assert_array_equal(x[k].numpy(), want_x[k].numpy(), err_msg=k)
+    for k in want_y:
+        np.testing.assert_array_equal(y[k].numpy(), want_y[k].numpy(), err_msg=k)
+    moves = batch[0]["augment_move"].numpy()
+    assert np.any(moves != 0)
+    if not augment_sentinel:
+        np.testing.assert_array_equal(y["sentinel"].numpy()[moves != 0], want_y["sentinel"].numpy()[moves != 0])
+        assert not np.array_equal(y["aerial"].numpy()[moves != 0], y["sentinel"].numpy()[moves != 0])
