@@ -182,11 +182,13 @@ def finishing_train_step(model, data_config, input_keys, output_keys):
 
     model.train_step = train_step
     build = getattr(model, "_symbolic_build", None)  # Keras 3's own build from one batch's shapes
-    if build is not None:
-        x = {k: keras.KerasTensor(t.shape, t.dtype) for k, t in model.input.items()}
-        y = {k: keras.KerasTensor(model.output[k].shape[:-1], "uint8") for k in output_keys}
-        with model.distribute_strategy.scope():
-            build(data_batch=(x, y))
+    if build is None:
+        raise RuntimeError(f"Keras {keras.__version__} has no Model._symbolic_build, which --aerial_on=device "
+                           "uses to build the compiled losses and metrics; pass --aerial_on=host")
+    x = {k: keras.KerasTensor(t.shape, t.dtype) for k, t in model.input.items()}
+    y = {k: keras.KerasTensor(model.output[k].shape[:-1], "uint8") for k in output_keys}
+    with model.distribute_strategy.scope():
+        build(data_batch=(x, y))
     return model
 
 
