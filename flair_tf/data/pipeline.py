@@ -451,9 +451,9 @@ def finish_batch(features: Mapping[str, tf.Tensor], labels: Mapping[str, tf.Tens
         [B, T, S, S, 10], which moves with `config.augment_sentinel`.
       labels: its labels: ``aerial_codes`` uint8 [B, P, P], the stored codes.
       config: the `PipelineConfig` of the pipeline.
-      wide: compute in int32 rather than uint8 (exact either way): GPU kernels
-        of the selects and the remap's arithmetic do not exist for uint8, so
-        TensorFlow would run them on the host. None: when a GPU is visible.
+      wide: compute in int32 rather than uint8 (exact either way): TensorFlow
+        has no GPU kernel of `Select` for uint8 and would run the selects on
+        the host. None: when a GPU is visible.
 
     Returns:
       (features, labels) with ``aerial`` uint8 [B, P, P, C] and ``labels["aerial"]``
