@@ -283,20 +283,25 @@ def fix_month_terms(vector: tf.Tensor, month: tf.Tensor) -> tf.Tensor:
     return tf.concat([vector[:MONTH_SIN_INDEX], terms, vector[MONTH_COS_INDEX + 1:]], axis=0)
 
 
-def remap_codes(codes: tf.Tensor, num_classes: int) -> tf.Tensor:
-    """Raw codes -> uint8 class indices, `nomenclature.code_to_index_lut` (invalid -> 255).
+def remap_codes(codes: tf.Tensor, num_classes: int, dtype: tf.DType = tf.uint8) -> tf.Tensor:
+    """Raw codes 0..255 -> class indices, `nomenclature.code_to_index_lut` (invalid -> 255).
 
-    Element-wise uint8 arithmetic rather than a 256-entry `tf.gather` (the same
-    table, checked on all 256 codes by a test) at a fraction of the cost: code 0
-    wraps to 255 in ``min(c, 13) - 1`` / ``c - 1``, codes above 19 are set to 255.
+    Element-wise arithmetic in `dtype` rather than a 256-entry `tf.gather` (the
+    same table, checked on all 256 codes by a test) at a fraction of the cost:
+    in uint8, code 0 wraps to 255 in ``min(c, 13) - 1`` / ``c - 1``; in a wider
+    integer dtype (int32: `finish_batch` on a GPU) it is set to 255 like the
+    codes above 19.
     """
-    codes = tf.cast(codes, tf.uint8)
-    one = tf.constant(1, tf.uint8)
+    codes = tf.cast(codes, dtype)
+    one = tf.constant(1, dtype)
     if num_classes == 13:
-        index = tf.minimum(codes, tf.constant(13, tf.uint8)) - one  # challenge remap: 13..19 -> 12
+        index = tf.minimum(codes, tf.constant(13, dtype)) - one  # challenge remap: 13..19 -> 12
     else:
         index = codes - one
-    return tf.where(codes > nomenclature.NUM_CODES, tf.constant(INVALID_LABEL, tf.uint8), index)
+    invalid = codes > tf.constant(nomenclature.NUM_CODES, dtype)
+    if dtype != tf.uint8:
+        invalid |= codes < one
+    return tf.where(invalid, tf.constant(INVALID_LABEL, dtype), index)
 
 
 def select_channels(image: tf.Tensor, indices: Sequence[int]) -> tf.Tensor:
@@ -476,7 +481,7 @@ def finish_batch(features: Mapping[str, tf.Tensor], labels: Mapping[str, tf.Tens
         channels = [c if rgbn is not None else 0 for c in channels]
     image = select_channels(bands, channels)
     codes = labels.pop("aerial_codes")
-    label = _remap_wide(work(codes), config.num_classes) if wide else remap_codes(codes, config.num_classes)
+    label = remap_codes(codes, config.num_classes, tf.int32 if wide else tf.uint8)
     unaugmented = label
     moves = features.pop("augment_move", None)
     if moves is not None:
@@ -492,12 +497,6 @@ def finish_batch(features: Mapping[str, tf.Tensor], labels: Mapping[str, tf.Tens
         else:
             labels["sentinel"] = labels["aerial"]
     return features, labels
-
-
-def _remap_wide(codes: tf.Tensor, num_classes: int) -> tf.Tensor:
-    """`remap_codes` on int32 codes 0..255 (kernels every device has); int32 out."""
-    index = (tf.minimum(codes, 13) if num_classes == 13 else codes) - 1
-    return tf.where((codes < 1) | (codes > nomenclature.NUM_CODES), INVALID_LABEL, index)
 
 
 def resolve_files(file_pattern: str | Sequence[str], task: str, split: str) -> list[str]:

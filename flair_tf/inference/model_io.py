@@ -92,9 +92,9 @@ WINOGRAD_FLAG_HELP = ("Compute the wide 3x3 convolutions by Winograd F(4x4, 3x3)
 
 def winograd_by_default() -> bool:
     """`load_model`'s ``winograd=None``: True when this process sees no GPU or TPU."""
-    import tensorflow as tf
+    from flair_tf.training import strategy
 
-    return not any(d.device_type in ("GPU", "TPU") for d in tf.config.list_logical_devices())
+    return not strategy.accelerator_visible()
 
 
 def winograd_setting(flag_value: str) -> bool | None:

@@ -542,11 +542,12 @@ def test_augmentation_draws_are_the_per_example_draws(stream_id, stride):
     np.testing.assert_array_equal(np.concatenate(batched), [int(m) for m in draws])
 
 
+@pytest.mark.parametrize("dtype", [tf.uint8, tf.int32])
 @pytest.mark.parametrize("num_classes", [13, 19])
-def test_remap_codes_equals_the_nomenclature_table(num_classes):
+def test_remap_codes_equals_the_nomenclature_table(num_classes, dtype):
     codes = np.arange(256, dtype=np.uint8).reshape(16, 16)
-    got = pl.remap_codes(tf.constant(codes), num_classes).numpy()
-    assert got.dtype == np.uint8
+    got = pl.remap_codes(tf.constant(codes), num_classes, dtype).numpy()
+    assert got.dtype == dtype.as_numpy_dtype
     np.testing.assert_array_equal(got, nomenclature.code_to_index_lut(num_classes)[codes])
 
 
